@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Megatron-LM layouts and the Hugging Face layout."""

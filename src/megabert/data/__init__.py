@@ -1,0 +1,1 @@
+"""Data: Megatron's indexed token datasets, pretraining samples and masking, task file readers."""

@@ -1,0 +1,1 @@
+"""Inference: pipelines for every head and ONNX export."""

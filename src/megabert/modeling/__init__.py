@@ -1,0 +1,1 @@
+"""The MegatronBERT model family: layers, attention backends, the base model, task heads and checkpoint I/O."""
