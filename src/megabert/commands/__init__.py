@@ -1,0 +1,1 @@
+"""`megabert` subcommands: each module has ``register(subparsers)`` and ``run(args)``; see megabert/cli.py."""

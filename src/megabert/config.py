@@ -1,0 +1,266 @@
+"""MegatronBertConfig: the model's hyper-parameters, validated, with HF-compatible config.json in/out.
+
+The field names and defaults are those of `transformers`' MegatronBertConfig (model_type
+"megatron-bert"), so a folder written by either library loads in the other. Keys this class
+does not know (written by newer or other tools) are kept in ``extra`` and written back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPE = "megatron-bert"
+CONFIG_NAME = "config.json"
+
+# Names accepted for `hidden_act`; the functions live in modeling/layers.py.
+ACTIVATION_NAMES = (
+    "gelu",
+    "gelu_python",
+    "gelu_new",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "quick_gelu",
+    "relu",
+    "silu",
+    "swish",
+    "tanh",
+)
+POSITION_EMBEDDING_TYPES = ("absolute", "relative_key", "relative_key_query")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+# Keys `transformers` writes that describe the file, not the model: read, not kept as fields.
+_BOOKKEEPING_KEYS = ("model_type", "transformers_version", "_name_or_path", "megabert_version")
+
+
+@dataclass(init=False, repr=False)
+class MegatronBertConfig:
+    """Hyper-parameters of a MegatronBERT model (defaults: NVIDIA's 345M cased model).
+
+    Construct with keyword arguments (``MegatronBertConfig(hidden_size=768, ...)``), or
+    read a folder's ``config.json`` with :meth:`from_pretrained`. Unknown keyword arguments
+    are kept in :attr:`extra` and written back by :meth:`save_pretrained`.
+    """
+
+    vocab_size: int = 29056
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    intermediate_size: int = 4096
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    position_embedding_type: str = "absolute"
+    use_cache: bool = True
+    is_decoder: bool = False
+    add_cross_attention: bool = False
+    tie_word_embeddings: bool = True
+    # Task-head settings shared by all `transformers` configs.
+    num_labels: int | None = None
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    problem_type: str | None = None
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+    return_dict: bool = True
+    architectures: list[str] | None = None
+    torch_dtype: str | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    # Which attention code runs: "sdpa" (default) or "eager"; not written to config.json.
+    attn_implementation: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(self, **kwargs: Any) -> None:
+        known = {f.name for f in fields(self)} - {"extra"}
+        for f in fields(self):
+            if f.name == "extra":
+                continue
+            setattr(self, f.name, kwargs.pop(f.name, f.default))
+        for key in _BOOKKEEPING_KEYS:
+            kwargs.pop(key, None)
+        extra = dict(kwargs.pop("extra", None) or {})
+        extra.update({k: v for k, v in kwargs.items() if k not in known})
+        self.extra = extra
+        self._normalise_labels()
+        self.validate()
+
+    # ------------------------------------------------------------------ labels
+    def _normalise_labels(self) -> None:
+        """Make num_labels, id2label and label2id agree (JSON keys are strings; ids are ints)."""
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+        if self.label2id is not None:
+            self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
+        if self.id2label is None and self.label2id is not None:
+            self.id2label = {v: k for k, v in self.label2id.items()}
+        if self.num_labels is None:
+            self.num_labels = len(self.id2label) if self.id2label else 2
+        if self.id2label is None or len(self.id2label) != self.num_labels:
+            if self.id2label is not None and len(self.id2label) != self.num_labels:
+                # An explicit num_labels wins over a stale label map (as in `transformers`).
+                self.id2label = None
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        if self.label2id is None or len(self.label2id) != len(self.id2label):
+            self.label2id = {name: i for i, name in self.id2label.items()}
+
+    # -------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise ValueError naming the field, its value and the rule, for an impossible config."""
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"config.hidden_size ({self.hidden_size}) must be divisible by "
+                f"config.num_attention_heads ({self.num_attention_heads})"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"config.{name} must be in [0, 1), got {value!r}")
+        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
+            raise ValueError(f"config.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
+            raise ValueError(f"config.initializer_range must be >= 0, got {self.initializer_range!r}")
+        if self.hidden_act not in ACTIVATION_NAMES:
+            raise ValueError(
+                f"config.hidden_act {self.hidden_act!r} is not supported; choose one of {', '.join(ACTIVATION_NAMES)}"
+            )
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"config.position_embedding_type {self.position_embedding_type!r} is not supported; "
+                f"choose one of {', '.join(POSITION_EMBEDDING_TYPES)}"
+            )
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(
+                f"config.problem_type {self.problem_type!r} is not supported; choose one of {', '.join(PROBLEM_TYPES)}"
+            )
+        if self.num_labels is not None and (isinstance(self.num_labels, bool) or self.num_labels < 1):
+            raise ValueError(f"config.num_labels must be >= 1, got {self.num_labels!r}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"config.pad_token_id ({self.pad_token_id}) must be inside the vocabulary [0, {self.vocab_size})"
+            )
+        if self.add_cross_attention and not self.is_decoder:
+            raise ValueError("config.add_cross_attention=True needs config.is_decoder=True")
+        if self.attn_implementation not in (None, "sdpa", "eager"):
+            raise ValueError(
+                f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}"
+            )
+
+    # ------------------------------------------------------------ conveniences
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict
+
+    def __getattr__(self, name: str) -> Any:
+        # Unknown keys from a config.json stay reachable as attributes, as in `transformers`.
+        extra = self.__dict__.get("extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        raise AttributeError(f"MegatronBertConfig has no attribute {name!r}")
+
+    def copy(self, **overrides: Any) -> "MegatronBertConfig":
+        """A new config with the same values, some of them replaced."""
+        values = self.to_dict(include_runtime=True)
+        if "num_labels" in overrides and "id2label" not in overrides:
+            values.pop("id2label", None)
+            values.pop("label2id", None)
+        values.update(overrides)
+        return MegatronBertConfig(**values)
+
+    # ----------------------------------------------------------------- in/out
+    def to_dict(self, include_runtime: bool = False) -> dict[str, Any]:
+        """The config as config.json holds it (model_type included, extra keys merged in)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in ("extra", "attn_implementation") and not include_runtime:
+                continue
+            if f.name == "extra":
+                continue
+            out[f.name] = getattr(self, f.name)
+        if out.get("id2label") is not None:
+            out["id2label"] = {str(k): v for k, v in out["id2label"].items()}
+        if include_runtime:
+            out["extra"] = dict(self.extra)
+        else:
+            out.update(self.extra)
+            out["model_type"] = MODEL_TYPE
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], **overrides: Any) -> "MegatronBertConfig":
+        values = dict(values)
+        model_type = values.get("model_type")
+        if model_type is not None and model_type != MODEL_TYPE:
+            raise ValueError(f"config model_type is {model_type!r}; megabert reads {MODEL_TYPE!r} configs only")
+        if "num_labels" in overrides and "id2label" not in overrides:
+            values.pop("id2label", None)
+            values.pop("label2id", None)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "MegatronBertConfig":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise OSError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object, found {type(values).__name__}")
+        return cls.from_dict(values, **overrides)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "MegatronBertConfig":
+        """Read ``config.json`` from a folder (or a path to the json file itself)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+            if not path.is_file():
+                raise FileNotFoundError(f"no {CONFIG_NAME} in {path.parent}: is this a model folder?")
+        elif not path.exists():
+            raise FileNotFoundError(f"model path {path} does not exist")
+        return cls.from_json_file(path, **overrides)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``config.json`` into ``folder`` (created if needed), atomically."""
+        from megabert.utils import atomic_write_text
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / CONFIG_NAME
+        atomic_write_text(target, self.to_json_string())
+        return target
+
+    def __repr__(self) -> str:
+        return f"MegatronBertConfig({json.dumps(self.to_dict(), sort_keys=True)})"
