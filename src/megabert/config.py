@@ -30,6 +30,8 @@ ACTIVATION_NAMES = (
     "tanh",
 )
 POSITION_EMBEDDING_TYPES = ("absolute", "relative_key", "relative_key_query")
+# Fields that choose how the model runs here, not what it is: kept out of config.json.
+RUNTIME_FIELDS = ("attn_implementation", "unpad_inputs")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 # Keys `transformers` writes that describe the file, not the model: read, not kept as fields.
@@ -77,6 +79,9 @@ class MegatronBertConfig:
     eos_token_id: int | None = None
     # Which attention code runs: "sdpa" (default) or "eager"; not written to config.json.
     attn_implementation: str | None = None
+    # Drop padding tokens after the embeddings and compute real tokens only (fast; outputs at
+    # pad positions are then zero instead of the reference's values). Not written to config.json.
+    unpad_inputs: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -196,7 +201,7 @@ class MegatronBertConfig:
         """The config as config.json holds it (model_type included, extra keys merged in)."""
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name in ("extra", "attn_implementation") and not include_runtime:
+            if f.name in ("extra",) + RUNTIME_FIELDS and not include_runtime:
                 continue
             if f.name == "extra":
                 continue

@@ -1,0 +1,558 @@
+"""The eight task models, each a small class over MegatronBertModel, with the reference's losses.
+
+Loss rules (as documented for `transformers` 4.37):
+- PreTraining: MLM cross-entropy + NSP cross-entropy (NSP label 0 = B continues A, 1 = B is random);
+  without the binary head, the MLM loss alone.
+- SequenceClassification: ``problem_type`` regression (MSE), single-label (cross-entropy) or
+  multi-label (BCE with logits), chosen from num_labels and the label dtype when unset.
+- QuestionAnswering: mean of start and end cross-entropy; positions outside the sequence are
+  clamped to its length and ignored.
+- CausalLM: next-token cross-entropy (labels shifted left by one).
+Labels of -100 are ignored by every cross-entropy.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megabert.config import MegatronBertConfig
+from megabert.modeling.inputs import check_labels
+from megabert.modeling.layers import ACTIVATIONS
+from megabert.modeling.model import MegatronBertModel
+from megabert.modeling.outputs import (
+    CausalLMOutputWithCrossAttentions,
+    MaskedLMOutput,
+    MegatronBertForPreTrainingOutput,
+    MultipleChoiceModelOutput,
+    NextSentencePredictorOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from megabert.modeling.pretrained import MegatronBertPreTrainedModel
+
+
+# ---------------------------------------------------------------------- head modules
+class MegatronBertPredictionHeadTransform(nn.Module):
+    """dense -> activation -> LayerNorm, before the vocabulary projection."""
+
+    def __init__(self, config: MegatronBertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense(hidden_states)))
+
+
+class MegatronBertLMPredictionHead(nn.Module):
+    """The MLM head: transform, then a decoder tied to the word embeddings with its own bias."""
+
+    def __init__(self, config: MegatronBertConfig) -> None:
+        super().__init__()
+        self.transform = MegatronBertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        # The same Parameter under both names, as in the reference's state dict.
+        self.decoder.bias = self.bias
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))  # (..., vocab)
+
+
+class MegatronBertOnlyMLMHead(nn.Module):
+    def __init__(self, config: MegatronBertConfig) -> None:
+        super().__init__()
+        self.predictions = MegatronBertLMPredictionHead(config)
+
+    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        return self.predictions(sequence_output)
+
+
+class MegatronBertOnlyNSPHead(nn.Module):
+    def __init__(self, config: MegatronBertConfig) -> None:
+        super().__init__()
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, pooled_output: torch.Tensor) -> torch.Tensor:
+        return self.seq_relationship(pooled_output)
+
+
+class MegatronBertPreTrainingHeads(nn.Module):
+    """MLM head and (when the model has a binary head) the NSP/SOP classifier."""
+
+    def __init__(self, config: MegatronBertConfig, add_binary_head: bool = True) -> None:
+        super().__init__()
+        self.predictions = MegatronBertLMPredictionHead(config)
+        if add_binary_head:
+            self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(
+        self, sequence_output: torch.Tensor, pooled_output: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        scores = self.predictions(sequence_output)
+        relationship = None
+        if hasattr(self, "seq_relationship") and pooled_output is not None:
+            relationship = self.seq_relationship(pooled_output)
+        return scores, relationship
+
+
+# ------------------------------------------------------------------------- helpers
+def _finish(output_cls: type, return_dict: bool, loss: torch.Tensor | None, main: tuple, outputs: Any) -> Any:
+    """Build the output dataclass, or the reference's tuple for return_dict=False."""
+    hidden_states = outputs.hidden_states
+    attentions = outputs.attentions
+    if return_dict:
+        names = [f for f in output_cls.__dataclass_fields__ if f not in ("loss", "hidden_states", "attentions")]
+        values = dict(zip(names, main))
+        return output_cls(loss=loss, hidden_states=hidden_states, attentions=attentions, **values)
+    extras = tuple(v for v in (hidden_states, attentions) if v is not None)
+    head = tuple(v for v in main if v is not None)
+    return ((loss,) if loss is not None else ()) + head + extras
+
+
+def _mlm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    check_labels("labels", labels, vocab_size)
+    return F.cross_entropy(logits.reshape(-1, vocab_size).float(), labels.reshape(-1))
+
+
+# -------------------------------------------------------------------------- models
+class MegatronBertForPreTraining(MegatronBertPreTrainedModel):
+    """MLM + NSP heads, as in pretraining. ``add_binary_head=False``: MLM head only."""
+
+    def __init__(self, config: MegatronBertConfig, add_binary_head: bool = True) -> None:
+        super().__init__(config)
+        self.add_binary_head = add_binary_head
+        self.bert = MegatronBertModel(config)
+        self.cls = MegatronBertPreTrainingHeads(config, add_binary_head)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.predictions.decoder
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MegatronBertForPreTrainingOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.bert(
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        prediction_scores, relationship = self.cls(outputs.last_hidden_state, outputs.pooler_output)
+        loss = None
+        if labels is not None and (next_sentence_label is not None or not self.add_binary_head):
+            loss = _mlm_loss(prediction_scores, labels, self.config.vocab_size)
+            if self.add_binary_head:
+                check_labels("next_sentence_label", next_sentence_label, 2)
+                loss = loss + F.cross_entropy(relationship.reshape(-1, 2).float(), next_sentence_label.reshape(-1))
+        return _finish(MegatronBertForPreTrainingOutput, return_dict, loss, (prediction_scores, relationship), outputs)
+
+
+class MegatronBertForMaskedLM(MegatronBertPreTrainedModel):
+    """The encoder with the MLM head (no pooler)."""
+
+    def __init__(self, config: MegatronBertConfig) -> None:
+        super().__init__(config)
+        if config.is_decoder:
+            warnings.warn("MegatronBertForMaskedLM expects config.is_decoder=False (bi-directional attention)")
+        self.bert = MegatronBertModel(config, add_pooling_layer=False)
+        self.cls = MegatronBertOnlyMLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.predictions.decoder
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MaskedLMOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.bert(
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            encoder_hidden_states, encoder_attention_mask,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        logits = self.cls(outputs.last_hidden_state)
+        loss = _mlm_loss(logits, labels, self.config.vocab_size) if labels is not None else None
+        return _finish(MaskedLMOutput, return_dict, loss, (logits,), outputs)
+
+
+class MegatronBertForCausalLM(MegatronBertPreTrainedModel):
+    """Left-to-right language model (config.is_decoder=True), with a KV cache for decoding."""
+
+    def __init__(self, config: MegatronBertConfig) -> None:
+        super().__init__(config)
+        if not config.is_decoder:
+            warnings.warn("MegatronBertForCausalLM is meant to be used with config.is_decoder=True")
+        self.bert = MegatronBertModel(config, add_pooling_layer=False)
+        self.cls = MegatronBertOnlyMLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.cls.predictions.decoder
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        past_key_values: tuple[tuple[torch.Tensor, ...], ...] | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CausalLMOutputWithCrossAttentions | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if labels is not None:
+            use_cache = False
+        outputs = self.bert(
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            encoder_hidden_states, encoder_attention_mask, past_key_values, use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        logits = self.cls(outputs.last_hidden_state)  # (batch, seq, vocab)
+        loss = None
+        if labels is not None:
+            # Position t predicts token t + 1.
+            loss = _mlm_loss(logits[:, :-1, :], labels[:, 1:], self.config.vocab_size)
+        if not return_dict:
+            extras = tuple(
+                v for v in (outputs.past_key_values, outputs.hidden_states, outputs.attentions, outputs.cross_attentions)
+                if v is not None
+            )
+            return ((loss,) if loss is not None else ()) + (logits,) + extras
+        return CausalLMOutputWithCrossAttentions(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
+        )
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, past_key_values: Any = None, attention_mask: torch.Tensor | None = None, **_: Any
+    ) -> dict[str, Any]:
+        """Inputs for the next decoding step: only the new tokens once a cache exists."""
+        if attention_mask is None:
+            attention_mask = input_ids.new_ones(input_ids.shape)
+        if past_key_values is not None:
+            input_ids = input_ids[:, past_key_values[0][0].shape[2]:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values}
+
+
+class MegatronBertForNextSentencePrediction(MegatronBertPreTrainedModel):
+    """The NSP head: logits (batch, 2); label 0 = B continues A, 1 = B is a random sentence."""
+
+    def __init__(self, config: MegatronBertConfig) -> None:
+        super().__init__(config)
+        self.bert = MegatronBertModel(config)
+        self.cls = MegatronBertOnlyNSPHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> NextSentencePredictorOutput | tuple:
+        if "next_sentence_label" in kwargs:
+            # The reference's deprecated spelling of `labels`.
+            labels = kwargs.pop("next_sentence_label")
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.bert(
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        logits = self.cls(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            check_labels("labels", labels, 2)
+            loss = F.cross_entropy(logits.reshape(-1, 2).float(), labels.reshape(-1))
+        return _finish(NextSentencePredictorOutput, return_dict, loss, (logits,), outputs)
+
+
+class MegatronBertForSequenceClassification(MegatronBertPreTrainedModel):
+    """Pooled output -> dropout -> linear (num_labels): classification or regression."""
+
+    def __init__(self, config: MegatronBertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = MegatronBertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.bert(
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        logits = self.classifier(self.dropout(outputs.pooler_output))  # (batch, num_labels)
+        loss = sequence_classification_loss(self.config, logits, labels) if labels is not None else None
+        return _finish(SequenceClassifierOutput, return_dict, loss, (logits,), outputs)
+
+
+def sequence_classification_loss(
+    config: MegatronBertConfig, logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """The reference's problem_type rule; sets config.problem_type on first use, as it does."""
+    num_labels = config.num_labels
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze().float(), labels.squeeze().to(torch.float32))
+        return F.mse_loss(logits.float(), labels.float())
+    if config.problem_type == "single_label_classification":
+        check_labels("labels", labels, num_labels)
+        return F.cross_entropy(logits.reshape(-1, num_labels).float(), labels.reshape(-1))
+    if tuple(labels.shape) != tuple(logits.shape):
+        raise ValueError(
+            f"multi-label labels must have shape {tuple(logits.shape)} (batch, num_labels), got {tuple(labels.shape)}"
+        )
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+class MegatronBertForMultipleChoice(MegatronBertPreTrainedModel):
+    """Scores each (context, choice) pair; inputs are (batch, num_choices, seq)."""
+
+    def __init__(self, config: MegatronBertConfig) -> None:
+        super().__init__(config)
+        self.bert = MegatronBertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MultipleChoiceModelOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        main = input_ids if input_ids is not None else inputs_embeds
+        expected = 3 if input_ids is not None else 4
+        if main is None or main.dim() != expected:
+            name = "input_ids" if input_ids is not None else "inputs_embeds"
+            shape = None if main is None else tuple(main.shape)
+            raise ValueError(
+                f"multiple choice {name} must be {expected}-D (batch, num_choices, seq{', hidden' if expected == 4 else ''}), "
+                f"got shape {shape}"
+            )
+        num_choices = main.shape[1]
+
+        def flat(t: torch.Tensor | None, dims: int = 2) -> torch.Tensor | None:
+            # (batch, choices, seq[, hidden]) -> (batch * choices, seq[, hidden])
+            if t is None:
+                return None
+            if t.dim() != dims + 1:
+                raise ValueError(f"multiple choice inputs must all be (batch, num_choices, ...), got shape {tuple(t.shape)}")
+            return t.reshape(-1, *t.shape[2:])
+
+        outputs = self.bert(
+            flat(input_ids), flat(attention_mask), flat(token_type_ids), flat(position_ids), head_mask,
+            flat(inputs_embeds, 3),
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, num_choices)  # (batch, choices)
+        loss = None
+        if labels is not None:
+            check_labels("labels", labels, num_choices)
+            loss = F.cross_entropy(logits.float(), labels)
+        return _finish(MultipleChoiceModelOutput, return_dict, loss, (logits,), outputs)
+
+
+class MegatronBertForTokenClassification(MegatronBertPreTrainedModel):
+    """A label per token (NER, POS): sequence output -> dropout -> linear (num_labels)."""
+
+    def __init__(self, config: MegatronBertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = MegatronBertModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> TokenClassifierOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.bert(
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (batch, seq, num_labels)
+        loss = None
+        if labels is not None:
+            check_labels("labels", labels, self.num_labels)
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), labels.reshape(-1))
+        return _finish(TokenClassifierOutput, return_dict, loss, (logits,), outputs)
+
+
+class MegatronBertForQuestionAnswering(MegatronBertPreTrainedModel):
+    """Extractive QA: start and end logits per token."""
+
+    def __init__(self, config: MegatronBertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = MegatronBertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> QuestionAnsweringModelOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.bert(
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        logits = self.qa_outputs(outputs.last_hidden_state)  # (batch, seq, 2)
+        start_logits, end_logits = logits.split(1, dim=-1)
+        start_logits = start_logits.squeeze(-1).contiguous()  # (batch, seq)
+        end_logits = end_logits.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            if start_positions.dim() > 1:
+                start_positions = start_positions.squeeze(-1)
+            if end_positions.dim() > 1:
+                end_positions = end_positions.squeeze(-1)
+            # Positions outside the sequence are clamped to its length, an index the loss ignores.
+            ignored = start_logits.shape[1]
+            start_positions = start_positions.clamp(0, ignored)
+            end_positions = end_positions.clamp(0, ignored)
+            start_loss = F.cross_entropy(start_logits.float(), start_positions, ignore_index=ignored)
+            end_loss = F.cross_entropy(end_logits.float(), end_positions, ignore_index=ignored)
+            loss = (start_loss + end_loss) / 2
+        return _finish(QuestionAnsweringModelOutput, return_dict, loss, (start_logits, end_logits), outputs)
+
+
+# ------------------------------------------------------------------ by task name
+MODEL_CLASSES: dict[str, type[MegatronBertPreTrainedModel]] = {
+    "base": MegatronBertModel,
+    "pretraining": MegatronBertForPreTraining,
+    "masked-lm": MegatronBertForMaskedLM,
+    "causal-lm": MegatronBertForCausalLM,
+    "next-sentence": MegatronBertForNextSentencePrediction,
+    "sequence-classification": MegatronBertForSequenceClassification,
+    "multiple-choice": MegatronBertForMultipleChoice,
+    "token-classification": MegatronBertForTokenClassification,
+    "question-answering": MegatronBertForQuestionAnswering,
+}
+_BY_CLASS_NAME = {cls.__name__: cls for cls in MODEL_CLASSES.values()}
+
+
+def model_class_for(name: str) -> type[MegatronBertPreTrainedModel]:
+    """A model class by task name ("masked-lm", ...) or class name ("MegatronBertForMaskedLM")."""
+    if name in MODEL_CLASSES:
+        return MODEL_CLASSES[name]
+    if name in _BY_CLASS_NAME:
+        return _BY_CLASS_NAME[name]
+    raise ValueError(f"unknown model task {name!r}; choose one of {', '.join(MODEL_CLASSES)}")
+
+
+def heads_in_checkpoint(keys: set[str]) -> list[str]:
+    """Which heads a checkpoint's weight names carry (for `megabert info`)."""
+    heads = []
+    if any(k.startswith("cls.predictions.") for k in keys):
+        heads.append("masked-lm")
+    if any(k.startswith("cls.seq_relationship.") for k in keys):
+        heads.append("next-sentence")
+    if any(k.startswith("classifier.") for k in keys):
+        heads.append("classifier")
+    if any(k.startswith("qa_outputs.") for k in keys):
+        heads.append("question-answering")
+    if any(k.startswith(("pooler.", "bert.pooler.")) for k in keys):
+        heads.append("pooler")
+    return heads
