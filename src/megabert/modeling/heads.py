@@ -502,6 +502,12 @@ class MegatronBertForQuestionAnswering(MegatronBertPreTrainedModel):
         start_logits, end_logits = logits.split(1, dim=-1)
         start_logits = start_logits.squeeze(-1).contiguous()  # (batch, seq)
         end_logits = end_logits.squeeze(-1).contiguous()
+        if self.config.unpad_inputs and attention_mask is not None:
+            # Unpadded runs have no real values at pad positions: keep them out of the softmax.
+            # (The padded path, like the reference, lets pads take part.)
+            pads = attention_mask == 0
+            start_logits = start_logits.masked_fill(pads, torch.finfo(start_logits.dtype).min)
+            end_logits = end_logits.masked_fill(pads, torch.finfo(end_logits.dtype).min)
         loss = None
         if start_positions is not None and end_positions is not None:
             if start_positions.dim() > 1:
