@@ -813,6 +813,11 @@ def _squad_question(
     return QAExample(str(qid), qa["question"], context, tuple(answers), impossible, title, where)
 
 
+def qa_references(examples: Sequence[QAExample]) -> dict[str, list[str]]:
+    """``{id: gold answer texts}`` (empty for unanswerable), the form the SQuAD metrics take."""
+    return {ex.id: [a.text for a in ex.answers] for ex in examples}
+
+
 # --------------------------------------------------------------------------------------------
 # Multiple choice
 # --------------------------------------------------------------------------------------------
