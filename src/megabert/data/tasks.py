@@ -13,22 +13,21 @@ One reader per task head:
 
 Bad input policy: every problem with a record (a malformed line, a label that is not a number, an
 answer that is not at its offset, a short choice list...) is reported with its place
-(``file:line``, or the question id for JSON) and either raises :class:`~megabert.errors.UserError`
+(``file:line``; for SQuAD JSON also the JSON path and question id) and either raises :class:`~megabert.errors.UserError`
 (``on_bad="error"``, the default) or skips the record (``on_bad="skip"``). Skips are never silent:
 they are listed in :attr:`ReadResult.skipped` and logged as one warning with their count. An input
-with no usable example at all is always an error. Blank lines in line-based files separate nothing
-and are ignored.
+with no usable example at all is always an error. Blank lines in TSV/CSV/JSONL files are ignored
+(in CoNLL files they separate sentences).
 
 GLUE presets (``format=``), also auto-detected from the first line of a ``.tsv`` file:
 
-============  =============================================  ==========================  ==========
-preset        header                                         text / text_pair            label
-============  =============================================  ==========================  ==========
-glue-sst2     ``sentence label``                             sentence                    label
-glue-mrpc     ``Quality #1 ID #2 ID #1 String #2 String``    #1 String / #2 String       Quality
-glue-stsb     10 columns ``index ... sentence2 score``       sentence1 / sentence2       score (regression)
-glue-cola     none: ``source label original_label sentence``  column 3                    column 1
-============  =============================================  ==========================  ==========
+- ``glue-sst2``: header ``sentence label``; text ``sentence``; label ``label``.
+- ``glue-mrpc``: header ``Quality #1 ID #2 ID #1 String #2 String`` (file starts with a BOM);
+  text ``#1 String``, pair ``#2 String``; label ``Quality``.
+- ``glue-stsb``: 10-column header ``index genre ... sentence1 sentence2 score``; text
+  ``sentence1``, pair ``sentence2``; label ``score`` (regression).
+- ``glue-cola``: no header, ``source label original_label sentence``; text column 3, label
+  column 1.
 
 CoLA has no header, so it is recognised by shape: four tab-separated columns whose second is 0 or
 1 and whose third is empty or ``*``. Any column argument given explicitly overrides the preset.
