@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -157,6 +158,11 @@ def test_writer_is_atomic(tmp_path):
     assert IndexedDataset(tmp_path / "new")[0].tolist() == [1]
     with pytest.raises(RuntimeError, match="already finalized"):
         writer.add_document([[2]])
+    # Files get the permissions a plain open() gives (not the 0600 of temp files).
+    umask = os.umask(0)
+    os.umask(umask)
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"new{suffix}").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # -- corrupt files --------------------------------------------------------------------------------

@@ -200,3 +200,32 @@ def test_cli_preprocess(tmp_path, tok, capsys):
     code = main(["preprocess", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "tok")])
     assert code == 2
     assert "megabert preprocess: error: input file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_corpus_end_to_end(tmp_path, shared_data):
+    """Gutenberg books with the BERT uncased vocabulary: preprocess with workers, then NSP samples."""
+    from megabert.data.pretraining import IGNORE_INDEX, MaskingConfig, PretrainingDataset
+    from megabert.tokenization import MegatronBertTokenizer
+
+    books = sorted((shared_data / "gutenberg").glob("*.txt"))[:4]
+    vocab = shared_data / "vocab" / "bert-uncased"
+    summary = preprocess_corpus(books, tmp_path / "g", vocab, workers=2, valid_fraction=0.25, seed=0, progress=False)
+    assert summary.outputs["valid"]["documents"] >= 1 and summary.tokens > 100_000
+    tok = MegatronBertTokenizer.from_pretrained(vocab)
+    train = IndexedDataset(tmp_path / "g_train")
+    assert train.dtype == np.uint16  # 30,522 entries
+    # Training sentences are the tokenizer's encodings of lines of the books.
+    lines = [line.strip() for book in books for line in book.read_text(encoding="utf-8").splitlines() if line.strip()]
+    encoded = {tuple(ids) for ids in tok.encode_plain(lines)}
+    assert all(tuple(train[i].tolist()) in encoded for i in range(0, len(train), 50))
+
+    ds = PretrainingDataset(train, tok, 128, binary_task="nsp", masking=MaskingConfig(whole_word=True, max_predictions_per_seq=20))
+    labels, predicted = [], []
+    for i in range(0, len(ds), max(1, len(ds) // 400)):
+        sample = ds[i]
+        assert len(sample["input_ids"]) <= 128 and sample["input_ids"][0] == tok.cls_token_id
+        predicted.append(int((sample["labels"] != IGNORE_INDEX).sum()))
+        labels.append(sample["next_sentence_label"])
+    assert max(predicted) <= 20 and np.mean(predicted) > 10
+    assert 0.4 < np.mean(labels) < 0.6

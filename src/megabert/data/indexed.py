@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from megabert.errors import UserError
-from megabert.utils import atomic_path, atomic_write_bytes
+from megabert.utils import atomic_path
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -71,6 +71,13 @@ def token_dtype_for_vocab(vocab_size: int | None) -> np.dtype:
     if vocab_size is not None and vocab_size < UINT16_VOCAB_LIMIT:
         return np.dtype(np.uint16)
     return np.dtype(np.int32)
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives new files (0o666 less the umask); temp files start at 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def dataset_exists(prefix: str | os.PathLike) -> bool:
@@ -127,6 +134,8 @@ class IndexedDatasetWriter:
         self._stack = contextlib.ExitStack()
         self._tmp_bin = self._stack.enter_context(atomic_path(bin_path(self.prefix)))
         self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115 (closed in finalize/abort)
+        # Datasets are often shared: give them the permissions a plain open() would.
+        os.chmod(self._tmp_bin, _new_file_mode())
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "IndexedDatasetWriter":
@@ -223,7 +232,12 @@ class IndexedDatasetWriter:
         self._closed = True
         self._stack.close()  # .bin renamed into place, complete
         # The index goes last: a reader needs it, so it never sees a dataset without its tokens.
-        atomic_write_bytes(idx_path(self.prefix), index)
+        with atomic_path(idx_path(self.prefix)) as tmp:
+            with open(tmp, "wb") as handle:
+                handle.write(index)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, _new_file_mode())
         return idx_path(self.prefix), bin_path(self.prefix)
 
     def abort(self) -> None:
