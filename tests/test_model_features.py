@@ -262,3 +262,18 @@ def test_weight_init_follows_initializer_range():
     assert torch.count_nonzero(model.bert.encoder.layer[0].intermediate.dense.bias) == 0
     assert torch.equal(model.bert.encoder.ln.weight, torch.ones(256))
     assert torch.count_nonzero(model.cls.predictions.bias) == 0
+
+
+def test_inference_fused_qkv_matches_training_path_and_sees_weight_updates():
+    ref, ours = _pair("MegatronBertModel")
+    ids, mask, types = padded_batch()
+    with torch.inference_mode():
+        fused = ours(ids, mask, types).last_hidden_state
+    torch.testing.assert_close(fused, ref(ids, mask, types).last_hidden_state, atol=1e-5, rtol=0)
+    # an in-place update of a weight (as an optimizer step does) invalidates the fused cache
+    with torch.no_grad():
+        ours.encoder.layer[0].attention.self.key.weight.mul_(2.0)
+        ref.encoder.layer[0].attention.self.key.weight.mul_(2.0)
+        after = ours(ids, mask, types).last_hidden_state
+    torch.testing.assert_close(after, ref(ids, mask, types).last_hidden_state, atol=1e-5, rtol=0)
+    assert (after - fused).abs().max() > 1e-4

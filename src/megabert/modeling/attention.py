@@ -31,10 +31,12 @@ class AttentionPlan:
     mode: str
     # (batch, 1, query_len, key_len) additive mask, or None when nothing is masked.
     additive_mask: torch.Tensor | None = None
-    # varlen only: sequence boundaries in the packed token axis, (batch + 1,) int32.
+    # varlen only: sequence boundaries in the packed token axis, (batch + 1,) int32, and
+    # where each packed token sits in a (batch, max_seqlen) grid of left-aligned sequences.
     cu_seqlens: torch.Tensor | None = None
-    seqlens: list[int] | None = None
     max_seqlen: int = 0
+    batch: int = 0
+    grid_index: torch.Tensor | None = None
 
 
 def additive_mask_from(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,10 +94,13 @@ def varlen_attention(
     plan: AttentionPlan,
     dropout_p: float,
 ) -> torch.Tensor:
-    """Attention over packed sequences, never touching padding.
+    """Attention over packed sequences: (total_tokens, heads, head_dim) in and out.
 
-    query/key/value (total_tokens, heads, head_dim) with sequences laid end to end as
-    ``plan.cu_seqlens`` says; returns (total_tokens, heads, head_dim).
+    On CUDA with flash-attn installed (fp16/bf16) a varlen kernel runs on the packed tokens
+    directly. Otherwise the tokens are scattered into a padded (batch, heads, seq, dim) buffer
+    for one batched SDPA call and gathered back: the Linears and MLP, which are nearly all the
+    work, still run on real tokens only, while attention's share (about 4 * seq * hidden FLOPs
+    per token against 24 * hidden^2 for the rest) stays small.
     """
     if (
         flash_attn_varlen_func is not None
@@ -106,17 +111,16 @@ def varlen_attention(
         return flash_attn_varlen_func(
             query, key, value, cu, cu, plan.max_seqlen, plan.max_seqlen, dropout_p=dropout_p
         )
-    assert plan.seqlens is not None
-    outputs = []
-    for q, k, v in zip(
-        query.split(plan.seqlens), key.split(plan.seqlens), value.split(plan.seqlens)
-    ):
-        # (len, heads, dim) -> (1, heads, len, dim): one sequence, no mask needed
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0),
-            k.transpose(0, 1).unsqueeze(0),
-            v.transpose(0, 1).unsqueeze(0),
-            dropout_p=dropout_p,
-        )
-        outputs.append(out.squeeze(0).transpose(0, 1))
-    return torch.cat(outputs, dim=0)
+    assert plan.grid_index is not None
+    tokens, heads, dim = query.shape
+    batch, seq = plan.batch, plan.max_seqlen
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        # (tokens, heads, dim) -> (batch, heads, seq, dim)
+        full = x.new_zeros(batch * seq, heads, dim).index_copy(0, plan.grid_index, x)
+        return full.view(batch, seq, heads, dim).transpose(1, 2)
+
+    context = sdpa_attention(pad(query), pad(key), pad(value), plan.additive_mask, dropout_p)
+    # (batch, heads, seq, dim) -> (batch * seq, heads, dim) -> real tokens only
+    context = context.transpose(1, 2).reshape(batch * seq, heads, dim)
+    return context.index_select(0, plan.grid_index)

@@ -96,6 +96,33 @@ class MegatronBertSelfAttention(nn.Module):
             self.distance_embedding = nn.Embedding(2 * config.max_position_embeddings - 1, self.head_dim)
         self.is_decoder = config.is_decoder
 
+    def _fused_qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Q, K and V stacked into one (3 * inner, hidden) weight, for one GEMM instead of three.
+
+        Only without autograd (inference) and for plain tensors (not DTensor shards, whose
+        concatenation would gather them). Cached until a weight changes (tensor version).
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        weights = (self.query.weight, self.key.weight, self.value.weight)
+        biases = (self.query.bias, self.key.bias, self.value.bias)
+        if any(hasattr(w, "placements") for w in weights):
+            return None
+        stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in weights + biases)
+        cached = self.__dict__.get("_qkv_cache")
+        if cached is None or cached[0] != stamp:
+            # Built outside inference mode so the cache stays usable by later no_grad calls.
+            with torch.inference_mode(False), torch.no_grad():
+                fused = (torch.cat(weights), torch.cat(biases))
+            self.__dict__["_qkv_cache"] = cached = (stamp, fused)
+        return cached[1]
+
+    def _project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fused = self._fused_qkv_weights()
+        if fused is None:
+            return self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
+        return F.linear(hidden_states, *fused).chunk(3, dim=-1)
+
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # (batch, seq, heads * dim) -> (batch, heads, seq, dim)
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(-3, -2)
@@ -134,14 +161,17 @@ class MegatronBertSelfAttention(nn.Module):
         if plan.mode == "varlen":
             # packed (tokens, hidden) -> (tokens, heads, dim)
             shape = (hidden_states.shape[0], self.num_heads, self.head_dim)
-            query = self.query(hidden_states).view(shape)
-            key = self.key(hidden_states).view(shape)
-            value = self.value(hidden_states).view(shape)
+            query, key, value = (t.reshape(shape) for t in self._project_qkv(hidden_states))
             context = varlen_attention(query, key, value, plan, dropout_p)
             return context.reshape(hidden_states.shape[0], -1), None, None
 
-        query = self._split_heads(self.query(hidden_states))
         is_cross = encoder_hidden_states is not None
+        if not is_cross and past_key_value is None:
+            query, key, value = (self._split_heads(t) for t in self._project_qkv(hidden_states))
+            present = (key, value) if self.is_decoder else None
+            return self._attend(query, key, value, plan, head_mask, output_attentions, present, cached=False)
+
+        query = self._split_heads(self.query(hidden_states))
         if is_cross and past_key_value is not None:
             key, value = past_key_value  # the encoder's keys/values do not change while decoding
         elif is_cross:
@@ -154,12 +184,26 @@ class MegatronBertSelfAttention(nn.Module):
                 key = torch.cat([past_key_value[0], key], dim=2)
                 value = torch.cat([past_key_value[1], value], dim=2)
         present = (key, value) if self.is_decoder else None
+        return self._attend(query, key, value, plan, head_mask, output_attentions, present, past_key_value is not None)
 
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        plan: AttentionPlan,
+        head_mask: torch.Tensor | None,
+        output_attentions: bool,
+        present: KeyValue | None,
+        cached: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, KeyValue | None]:
+        """Padded attention on (batch, heads, seq, dim); returns (batch, seq, hidden) context."""
+        dropout_p = self.dropout_p if self.training else 0.0
         weights = None
         if plan.mode == "eager":
             score_bias = None
             if self.position_embedding_type != "absolute":
-                score_bias = self._relative_scores(query, key, cached=past_key_value is not None)
+                score_bias = self._relative_scores(query, key, cached=cached)
             context, weights = eager_attention(
                 query, key, value, plan.additive_mask, dropout_p, head_mask, score_bias
             )

@@ -136,11 +136,28 @@ class MegatronBertModel(MegatronBertPreTrainedModel):
             return AttentionPlan(mode)
         lengths = keep.sum(dim=1)
         if self.config.unpad_inputs and not need_eager and bool((lengths > 0).all()):
-            seqlens = lengths.tolist()
-            cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
-            cu[1:] = torch.cumsum(lengths, 0)
-            return AttentionPlan("varlen", cu_seqlens=cu, seqlens=seqlens, max_seqlen=max(seqlens))
+            return self._varlen_plan(lengths, dtype)
         return AttentionPlan(mode, additive_mask_from(attention_mask[:, None, None, :], dtype))
+
+    @staticmethod
+    def _varlen_plan(lengths: torch.Tensor, dtype: torch.dtype) -> AttentionPlan:
+        """Plan for packed tokens: boundaries, and each token's slot in a left-aligned grid."""
+        batch = lengths.shape[0]
+        max_len = int(lengths.max())
+        cu = torch.zeros(batch + 1, dtype=torch.int32, device=lengths.device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        rows = torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths)  # (tokens,)
+        within = torch.arange(rows.shape[0], device=lengths.device) - cu[:-1].long()[rows]
+        grid_index = rows * max_len + within
+        keep = torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # (batch, max_len)
+        return AttentionPlan(
+            "varlen",
+            additive_mask=additive_mask_from(keep[:, None, None, :], dtype),
+            cu_seqlens=cu,
+            max_seqlen=max_len,
+            batch=batch,
+            grid_index=grid_index,
+        )
 
     # ---------------------------------------------------------------- forward
     def forward(
