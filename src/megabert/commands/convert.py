@@ -1,0 +1,156 @@
+"""`megabert convert`: Megatron-LM BERT checkpoints -> Hugging Face model folders, and back."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DESCRIPTION = """\
+Convert checkpoints between Megatron-LM and the Hugging Face layout (config.json +
+model.safetensors), without Megatron-LM installed. Pickled checkpoints are read without
+running any code from them; the output folder appears only when complete.
+
+  megatron     Megatron-LM -> HF: an NGC zip (megatron_bert_345m_v0_1_*.zip), one
+               model_optim_rng.pt, or a save folder with tensor/pipeline-parallel shards
+               (legacy or Megatron Core names, checkpoint versions 0 to 3).
+  to-megatron  HF -> Megatron-LM legacy checkpoint split over TP x PP ranks, to go on
+               training in Megatron-LM.
+
+See docs/conversion.md."""
+
+EPILOG = """\
+examples:
+  megabert convert megatron megatron_bert_345m_v0_1_uncased.zip bert-345m-uncased \\
+      --vocab-file vocab.txt --lowercase
+  megabert convert to-megatron bert-345m-uncased megatron-ckpt --tensor-parallel 2"""
+
+MEGATRON_EPILOG = """\
+example:
+  megabert convert megatron megatron_bert_345m_v0_1_uncased.zip bert-345m-uncased \\
+      --vocab-file vocab.txt --lowercase
+  megabert fill-mask --model bert-345m-uncased "The capital of France is [MASK]." """
+
+TO_MEGATRON_EPILOG = """\
+example:
+  megabert convert to-megatron bert-345m-uncased megatron-ckpt --tensor-parallel 2 --pipeline-parallel 2
+  # then in Megatron-LM: --load megatron-ckpt (a "release" checkpoint: iteration 0, no optimizer state)"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``convert`` subcommand with its ``megatron`` and ``to-megatron`` directions."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert Megatron-LM BERT checkpoints to HF model folders and back",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    directions = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+
+    to_hf = directions.add_parser(
+        "megatron",
+        help="Megatron-LM checkpoint (zip, .pt or save folder) -> HF model folder",
+        description="Convert a Megatron-LM BERT checkpoint into a Hugging Face model folder.",
+        epilog=MEGATRON_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    to_hf.add_argument("src", metavar="SRC", help="NGC zip, model_optim_rng.pt, or Megatron-LM save folder")
+    to_hf.add_argument("out", metavar="OUT", help="output model folder (must not exist, see --overwrite)")
+    to_hf.add_argument(
+        "--vocab-file", metavar="F", help="the model's vocab.txt: also write the tokenizer files into OUT"
+    )
+    casing = to_hf.add_mutually_exclusive_group()
+    casing.add_argument(
+        "--lowercase", dest="lowercase", action="store_const", const=True, default=None,
+        help="the vocabulary is uncased (default: the checkpoint's tokenizer_type, else guessed from the vocabulary)",
+    )  # fmt: skip
+    casing.add_argument("--cased", dest="lowercase", action="store_const", const=False, help="the vocabulary is cased")
+    to_hf.add_argument(
+        "--num-attention-heads", type=int, metavar="N",
+        help="head count, for checkpoints saved without args (default: hidden size / 64)",
+    )  # fmt: skip
+    to_hf.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
+    to_hf.set_defaults(run=run_megatron_to_hf)
+
+    to_mlm = directions.add_parser(
+        "to-megatron",
+        help="HF model folder -> Megatron-LM legacy checkpoint (TP x PP shards)",
+        description=(
+            "Write a Hugging Face MegatronBERT folder as a Megatron-LM legacy checkpoint: "
+            "latest_checkpointed_iteration.txt and release/ (or iter_N/) with one "
+            "mp_rank_XX[_YYY]/model_optim_rng.pt per rank."
+        ),
+        epilog=TO_MEGATRON_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    to_mlm.add_argument("hf_dir", metavar="HF_DIR", help="model folder (config.json + weights)")
+    to_mlm.add_argument("out", metavar="OUT", help="output save folder (must not exist, see --overwrite)")
+    to_mlm.add_argument("--tensor-parallel", type=int, required=True, metavar="T", help="tensor-parallel degree")
+    to_mlm.add_argument("--pipeline-parallel", type=int, default=1, metavar="P", help="pipeline-parallel degree (default 1)")
+    to_mlm.add_argument(
+        "--checkpoint-version", type=float, default=3.0, metavar="V",
+        help="0, 1, 2 or 3 (default 3): the fused-QKV layout and names (transformer/attention below 3)",
+    )  # fmt: skip
+    to_mlm.add_argument(
+        "--iteration", type=int, metavar="N",
+        help="write iter_NNNNNNN with this iteration (default: a 'release' checkpoint)",
+    )  # fmt: skip
+    to_mlm.add_argument(
+        "--tokenizer-type", metavar="NAME",
+        help="args.tokenizer_type (default: from HF_DIR/tokenizer_config.json: BertWordPieceLowerCase or BertWordPieceCase)",
+    )  # fmt: skip
+    to_mlm.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
+    to_mlm.set_defaults(run=run_hf_to_megatron)
+
+
+def _show_notes() -> None:
+    """Print the converter's notes (assumed head count, padding, ...) on stderr."""
+    logger = logging.getLogger("megabert.convert")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("megabert convert: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def run_megatron_to_hf(args: argparse.Namespace) -> int:
+    """Megatron-LM -> HF."""
+    from megabert.convert.megatron_lm import convert_megatron_to_hf
+
+    _show_notes()
+    out = convert_megatron_to_hf(
+        args.src,
+        args.out,
+        vocab_file=args.vocab_file,
+        lowercase=args.lowercase,
+        num_attention_heads=args.num_attention_heads,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def run_hf_to_megatron(args: argparse.Namespace) -> int:
+    """HF -> Megatron-LM."""
+    from megabert.convert.megatron_lm import convert_hf_to_megatron
+
+    _show_notes()
+    out = convert_hf_to_megatron(
+        args.hf_dir,
+        args.out,
+        tensor_parallel=args.tensor_parallel,
+        pipeline_parallel=args.pipeline_parallel,
+        checkpoint_version=args.checkpoint_version,
+        iteration=args.iteration,
+        tokenizer_type=args.tokenizer_type,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen direction (each direction's parser also sets its own ``run``)."""
+    return run_megatron_to_hf(args) if args.direction == "megatron" else run_hf_to_megatron(args)

@@ -1,0 +1,221 @@
+"""Convert Megatron-LM BERT checkpoints to the Hugging Face layout and back, without Megatron-LM.
+
+:func:`convert_megatron_to_hf` reads NVIDIA's NGC zips, single ``model_optim_rng.pt`` files
+and Megatron-LM save folders (tensor- and pipeline-parallel shards, legacy or Megatron Core
+names, checkpoint versions 0 to 3) and writes a model folder (``config.json`` +
+``model.safetensors``, plus the tokenizer with ``vocab_file``) that megabert and
+``transformers`` load. :func:`convert_hf_to_megatron` writes a model folder back as a
+Megatron-LM legacy checkpoint split over any TP x PP grid, to go on training in Megatron-LM.
+
+Both are safe with untrusted files (pickles are read without running their code, zip paths are
+checked) and atomic: the output folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from megabert.config import MegatronBertConfig
+from megabert.convert.from_megatron import check_checkpoint, checkpoint_dims, config_from_checkpoint, convert_state
+from megabert.convert.megatron_args import config_to_args, lowercase_from_args
+from megabert.convert.qkv import check_version
+from megabert.convert.reader import load_checkpoint
+from megabert.convert.sources import CHECKPOINT_NAME, TRACKER_NAME, ShardSet, find_shards
+from megabert.convert.to_megatron import check_hf_shapes, megatron_shard, normalise_hf_state, pad_vocab
+from megabert.errors import UserError
+from megabert.utils import atomic_folder
+
+__all__ = ["convert_hf_to_megatron", "convert_megatron_to_hf"]
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+_SCRATCH = ".megatron-source"  # zip extraction folder inside the (temporary) output folder
+
+
+def _resolve_lowercase(lowercase: bool | None, args: object, where: str) -> bool | None:
+    """Casing for the tokenizer: the caller's choice, else the checkpoint's tokenizer_type, else None (guess)."""
+    saved = lowercase_from_args(args)
+    if lowercase is None:
+        return saved
+    if saved is not None and saved != lowercase:
+        logger.warning(
+            "%s was trained with a %s tokenizer, but %s was asked for; using %s",
+            where, "lower-casing" if saved else "cased", "lower-casing" if lowercase else "cased",
+            "lower-casing" if lowercase else "cased",
+        )  # fmt: skip
+    return lowercase
+
+
+def _write_tokenizer(folder: Path, vocab_file: Path, lowercase: bool | None, config: MegatronBertConfig) -> None:
+    from megabert.tokenization import MegatronBertTokenizer
+
+    tokenizer = MegatronBertTokenizer.from_pretrained(
+        vocab_file, lowercase=lowercase, model_max_length=config.max_position_embeddings
+    )
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(
+            f"{vocab_file} has {tokenizer.vocab_size} tokens but the checkpoint's embedding has only "
+            f"{config.vocab_size} rows: it is not this model's vocabulary"
+        )
+    if tokenizer.vocab_size < config.vocab_size:
+        logger.info(
+            "vocabulary: %d tokens; the embedding has %d rows (Megatron pads it to a multiple of 128 x TP)",
+            tokenizer.vocab_size, config.vocab_size,
+        )  # fmt: skip
+    tokenizer.save_pretrained(folder)
+
+
+def convert_megatron_to_hf(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    vocab_file: str | os.PathLike | None = None,
+    lowercase: bool | None = None,
+    num_attention_heads: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a Megatron-LM BERT checkpoint into a Hugging Face model folder at ``out``.
+
+    ``src``: an NGC zip, one ``model_optim_rng.pt``, or a Megatron-LM save folder (with
+    ``latest_checkpointed_iteration.txt``, an ``iter_NNNNNNN``/``release`` folder, or the
+    ``mp_rank_*`` folders themselves). ``vocab_file``: the ``vocab.txt`` the model was trained
+    with; the tokenizer files are written too, lower-casing per ``lowercase`` (default: the
+    checkpoint's ``tokenizer_type``, else guessed from the vocabulary). ``num_attention_heads``:
+    only needed for checkpoints saved without ``args`` whose head size is not 64.
+
+    The folder gets ``config.json`` (with the checkpoint's LayerNorm epsilon, 1e-5 when not
+    saved) and ``model.safetensors`` in the checkpoint's dtype, the padded vocabulary kept. It
+    appears only when complete. Returns ``out``.
+    """
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise FileNotFoundError(f"Megatron checkpoint {src} does not exist")
+    if vocab_file is not None and not Path(vocab_file).is_file():
+        raise FileNotFoundError(f"vocabulary file {vocab_file} does not exist")
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        shards = find_shards(src, tmp / _SCRATCH)
+        ckpt = load_checkpoint(shards)
+        check_checkpoint(ckpt)
+        dims = checkpoint_dims(ckpt, num_attention_heads)
+        state, binary_head, untied = convert_state(ckpt, dims)
+        dtype = state["bert.embeddings.word_embeddings.weight"].dtype
+        config = config_from_checkpoint(ckpt, dims, binary_head, untied, dtype)
+        if vocab_file is not None:
+            _write_tokenizer(tmp, Path(vocab_file), _resolve_lowercase(lowercase, ckpt.args, str(src)), config)
+        config.save_pretrained(tmp)
+        save_file(state, str(tmp / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+        # Let go of the memory-mapped shards before removing extracted files.
+        del state, ckpt
+        shutil.rmtree(tmp / _SCRATCH, ignore_errors=True)
+    logger.info("wrote %s (%d layers, vocab %d, eps %g)", out, config.num_hidden_layers, config.vocab_size, config.layer_norm_eps)
+    return out
+
+
+def _tokenizer_type(hf_dir: Path, tokenizer_type: str | None) -> str | None:
+    """Megatron's tokenizer_type: the caller's, else from the folder's ``tokenizer_config.json``."""
+    if tokenizer_type is not None:
+        return tokenizer_type
+    path = hf_dir / "tokenizer_config.json"
+    if path.is_file():
+        try:
+            lower = json.loads(path.read_text(encoding="utf-8")).get("do_lower_case")
+        except (json.JSONDecodeError, AttributeError):
+            lower = None
+        if isinstance(lower, bool):
+            return "BertWordPieceLowerCase" if lower else "BertWordPieceCase"
+    logger.warning(
+        "%s has no tokenizer_config.json saying the casing: args.tokenizer_type is left unset "
+        "(pass tokenizer_type / --tokenizer-type for Megatron-LM's checkpoint check)", hf_dir,
+    )  # fmt: skip
+    return None
+
+
+def convert_hf_to_megatron(
+    hf_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    checkpoint_version: float = 3.0,
+    iteration: int | None = None,
+    tokenizer_type: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the HF model folder ``hf_dir`` as a Megatron-LM legacy checkpoint at ``out``.
+
+    The model is split over ``tensor_parallel`` x ``pipeline_parallel`` ranks
+    (``mp_rank_XX`` or ``mp_rank_XX_YYY`` folders). ``checkpoint_version`` (0, 1, 2 or 3)
+    picks the fused-QKV layout and the names (``transformer``/``attention`` below 3,
+    ``encoder``/``self_attention`` from 3). Without ``iteration`` the checkpoint is a
+    ``release`` (Megatron-LM then starts at iteration 0 and loads no optimizer or RNG state);
+    with it, ``iter_NNNNNNN``. Returns ``out``.
+    """
+    hf_dir, out = Path(hf_dir), Path(out)
+    for name, value in (("tensor_parallel", tensor_parallel), ("pipeline_parallel", pipeline_parallel)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{name} must be a positive integer, got {value!r}")
+    if iteration is not None and (isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0):
+        raise UserError(f"iteration must be a non-negative integer, got {iteration!r}")
+    version = check_version(checkpoint_version, "--checkpoint-version")
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"model folder {hf_dir} does not exist")
+
+    from megabert.modeling.pretrained import read_state_dict
+
+    config = MegatronBertConfig.from_pretrained(hf_dir)
+    state, binary_head = normalise_hf_state(read_state_dict(hf_dir), str(hf_dir))
+    check_hf_shapes(state, config, binary_head, str(hf_dir))
+    heads, layers = config.num_attention_heads, config.num_hidden_layers
+    if heads % tensor_parallel != 0:
+        raise UserError(
+            f"num_attention_heads={heads} is not divisible by the tensor-parallel degree {tensor_parallel}: "
+            "every rank must hold whole heads"
+        )
+    if config.intermediate_size % tensor_parallel != 0:
+        raise UserError(
+            f"intermediate_size={config.intermediate_size} is not divisible by the tensor-parallel degree {tensor_parallel}"
+        )
+    if layers % pipeline_parallel != 0:
+        raise UserError(
+            f"num_hidden_layers={layers} is not divisible by the pipeline-parallel degree {pipeline_parallel}"
+        )
+    padded_vocab = pad_vocab(state, tensor_parallel)
+    token_types = state.get("bert.embeddings.token_type_embeddings.weight")
+    # Megatron without the binary head has no token types; keep a table that is in use, though.
+    write_token_types = binary_head or (token_types is not None and bool(token_types.any()))
+    dtype = state["bert.embeddings.word_embeddings.weight"].dtype
+    args = config_to_args(
+        config,
+        tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
+        padded_vocab_size=padded_vocab,
+        binary_head=binary_head,
+        dtype=dtype,
+        iteration=iteration or 0,
+        tokenizer_type=_tokenizer_type(hf_dir, tokenizer_type),
+    )
+    grid = ShardSet({}, tensor_parallel, pipeline_parallel, str(out))
+    folder_name = "release" if iteration is None else f"iter_{iteration:07d}"
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        for pp in range(pipeline_parallel):
+            for tp in range(tensor_parallel):
+                model = megatron_shard(
+                    state, config,
+                    binary_head=binary_head, write_token_types=write_token_types, version=version,
+                    tensor_rank=tp, tensor_parallel=tensor_parallel,
+                    pipeline_rank=pp, pipeline_parallel=pipeline_parallel,
+                )  # fmt: skip
+                target = tmp / folder_name / grid.rank_name(pp, tp) / CHECKPOINT_NAME
+                target.parent.mkdir(parents=True)
+                checkpoint = {"model": model, "args": args, "checkpoint_version": version, "iteration": iteration or 0}
+                torch.save(checkpoint, target)
+        (tmp / TRACKER_NAME).write_text("release" if iteration is None else str(iteration), encoding="utf-8")
+    return out

@@ -1,0 +1,199 @@
+"""Load pickled PyTorch checkpoints (Megatron-LM's ``model_optim_rng.pt``) without running their code.
+
+A pickle is a small program: its ``GLOBAL``/``REDUCE`` instructions import and call whatever
+the file names, which is how a malicious checkpoint runs code on ``torch.load``. We load with
+torch's restricted unpickler (``torch.load(weights_only=True)``), which only resolves names on
+an allowlist and never imports a module on the file's behalf. Its default list covers tensors,
+storages (CPU and CUDA, new zip and legacy formats), dtypes, ``torch.Size``/``device``,
+``OrderedDict``, sets and bytes; this module adds what Megatron-LM checkpoints also hold:
+
+* ``argparse.Namespace`` (the training ``args``);
+* numpy arrays, dtypes and scalars (the saved ``np_rng_state``), under both numpy 1 and 2 names;
+* ``io.BytesIO`` (Transformer Engine's ``_extra_state`` in older releases);
+* any name under ``megatron.`` (e.g. ``args.model_type = ModelType.encoder_or_decoder``) is
+  replaced by an inert :class:`MegatronObject` that only records its name and arguments, so
+  Megatron-LM need not be installed and none of its code runs.
+
+Anything else stops the load with a :class:`~megabert.errors.UserError` that names the global.
+Files in the zip format are memory-mapped, so a tensor's bytes are read only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pickle
+import pickletools
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megabert.errors import UserError
+
+__all__ = ["MegatronObject", "safe_load", "globals_in_checkpoint"]
+
+# Globals that are allowed beyond torch's own weights-only list, as (object, pickled name).
+# numpy moved `numpy.core` to `numpy._core` in 2.0; old files use the first name, new the second.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # type: ignore[attr-defined]
+_EXTRA_GLOBALS: list[tuple[Any, str]] = [
+    (argparse.Namespace, "argparse.Namespace"),
+    (io.BytesIO, "_io.BytesIO"),
+    (np.ndarray, "numpy.ndarray"),
+    (np.dtype, "numpy.dtype"),
+]
+for _prefix in ("numpy.core", "numpy._core"):
+    _EXTRA_GLOBALS.append((_NUMPY_CORE.multiarray._reconstruct, f"{_prefix}.multiarray._reconstruct"))
+    _EXTRA_GLOBALS.append((_NUMPY_CORE.multiarray.scalar, f"{_prefix}.multiarray.scalar"))
+# numpy >= 1.25 pickles a dtype's class (e.g. numpy.dtypes.UInt32DType) next to the dtype.
+for _code in "?bBhHiIlLqQefdgFDGSUV":
+    _dtype_class = type(np.dtype(_code))
+    _EXTRA_GLOBALS.append((_dtype_class, f"numpy.dtypes.{_dtype_class.__name__}"))
+
+# Names replaced by inert placeholders instead of being imported.
+_PLACEHOLDER_PREFIXES = ("megatron.",)
+
+_ALLOWED_SUMMARY = (
+    "a checkpoint may only hold tensors, storages, containers, numbers, strings, "
+    "argparse.Namespace, numpy arrays and Megatron enums"
+)
+
+
+class MegatronObject:
+    """Stand-in for an object of a Megatron-LM class (usually an enum member in ``args``).
+
+    It runs no Megatron code: it keeps the class name (:attr:`megatron_name`) and whatever the
+    pickle passed to build it, which is enough to print or compare it.
+    """
+
+    megatron_name = "megatron.<unknown>"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    @property
+    def value(self) -> Any:
+        """The first constructor argument: an enum member's value."""
+        return self.args[0] if self.args else None
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(a) for a in self.args)
+        return f"<{self.megatron_name}({inner})>"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, MegatronObject)
+            and other.megatron_name == self.megatron_name
+            and other.args == self.args
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.megatron_name, self.args))
+
+
+def _placeholder_class(full_name: str) -> type[MegatronObject]:
+    """A MegatronObject subclass that remembers ``full_name`` (one class per pickled name)."""
+    short = full_name.rsplit(".", 1)[-1]
+    return type(short, (MegatronObject,), {"megatron_name": full_name, "__module__": __name__})
+
+
+def globals_in_checkpoint(path: str | os.PathLike) -> list[str]:
+    """The ``module.name`` globals a checkpoint's pickle refers to, found without unpickling it.
+
+    Reads opcodes only (``pickletools.genops`` never imports or calls anything). Zip format:
+    the ``data.pkl`` record. Legacy format: the file starts with four pickles (magic number,
+    protocol, system info, the object) before the storage keys and raw tensor bytes.
+    """
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        found: list[str] = []
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith("data.pkl"):
+                    found.extend(_scan_globals(io.BytesIO(archive.read(name)), count=1))
+        return found
+    with open(path, "rb") as handle:
+        return _scan_globals(handle, count=4)
+
+
+def _scan_globals(handle: io.BufferedIOBase | io.BytesIO, count: int) -> list[str]:
+    names: list[str] = []
+    for _ in range(count):
+        strings: list[str] = []
+        try:
+            for opcode, arg, _pos in pickletools.genops(handle):
+                if opcode.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings.append(str(arg))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+        except (ValueError, EOFError):
+            break  # not a pickle (or the end): the load itself reports what is wrong
+    return names
+
+
+def _placeholders_for(names: list[str]) -> list[tuple[type[MegatronObject], str]]:
+    wanted = sorted({n for n in names if n.startswith(_PLACEHOLDER_PREFIXES)})
+    return [(_placeholder_class(name), name) for name in wanted]
+
+
+_GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _describe_refusal(path: Path, exc: BaseException) -> str:
+    """One line: which global (or construct) the restricted unpickler refused."""
+    text = str(exc)
+    match = _GLOBAL_IN_MESSAGE.search(text)
+    if match:
+        return (
+            f"refusing to load {path}: its pickle refers to {match.group(1)}, which is not allowed "
+            f"({_ALLOWED_SUMMARY}); the file may be malicious or not a Megatron checkpoint"
+        )
+    detail = next((line.strip() for line in reversed(text.splitlines()) if "WeightsUnpickler error" in line), "")
+    detail = detail.replace("WeightsUnpickler error:", "").strip() or text.strip().splitlines()[-1]
+    return f"refusing to load {path}: {detail} ({_ALLOWED_SUMMARY})"
+
+
+def safe_load(path: str | os.PathLike, mmap: bool | None = None) -> Any:
+    """Unpickle a ``torch.save`` file without executing code from it; tensors land on the CPU.
+
+    ``mmap`` (default: whenever the file is in the zip format) maps the file instead of
+    reading it, so memory grows only with the tensors actually touched. Raises
+    :class:`UserError` naming the offending global for anything outside the allowlist (see the
+    module docstring), and for files that are not PyTorch checkpoints.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+        # A legacy torch.save file starts with a pickle (PROTO opcode 0x80, then protocol 2).
+        if head[:1] != b"\x80":
+            raise UserError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    if mmap is None:
+        mmap = is_zip
+    allowed: list[Any] = list(_EXTRA_GLOBALS)
+    try:
+        allowed.extend(_placeholders_for(globals_in_checkpoint(path)))
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise UserError(f"cannot read checkpoint {path}: {exc}") from None
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=bool(mmap and is_zip))
+    except pickle.UnpicklingError as exc:
+        raise UserError(_describe_refusal(path, exc)) from None
+    except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first})") from None
