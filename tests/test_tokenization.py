@@ -187,6 +187,7 @@ def test_tokenize_decode_and_vocab_match_reference(tiny_pair):
         assert ours.decode(ids) == ref.decode(ids), text
         assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True), text
         assert ours.decode(torch.tensor(ids)) == ref.decode(ids)
+        assert ours.decode(list(torch.tensor(ids))) == ref.decode(ids)  # a list of integer scalars
         assert ours.convert_ids_to_tokens(ids) == ref.convert_ids_to_tokens(ids)
         tokens = ref.convert_ids_to_tokens(ids)
         assert ours.convert_tokens_to_ids(tokens + ["not-in-vocab"]) == ref.convert_tokens_to_ids(tokens + ["not-in-vocab"])
@@ -513,6 +514,7 @@ CALL_ERRORS = [
     (lambda t: t.decode([2, 10**6]), r"token id 1000000 is outside the vocabulary \(ids 0\.\.\d+\)"),
     (lambda t: t.convert_ids_to_tokens(-1), "token id -1 is outside the vocabulary"),
     (lambda t: t.decode("abc"), "expected a list of token ids"),
+    (lambda t: t.decode([[2, 3]]), r"expected a flat list of token ids \(ints\); for a batch of rows use batch_decode"),
 ]
 
 

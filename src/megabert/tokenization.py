@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 import os
 import threading
 from pathlib import Path
@@ -439,6 +440,11 @@ class MegatronBertTokenizer:
         elif lowercase is None:
             # Some other normalizer (e.g. a Sequence with Lowercase): keep it; infer the casing from the vocabulary.
             lowercase = not _looks_cased(backend.get_vocab(with_added_tokens=False))
+        else:
+            logger.warning(
+                "%s: its normalizer is %s, not BertNormalizer; it is kept as is (lowercase=%s is not applied to it)",
+                path, norm.get("type"), lowercase,
+            )  # fmt: skip
         return backend, lowercase
 
     # ---------------------------------------------------------------- vocabulary
@@ -506,12 +512,20 @@ class MegatronBertTokenizer:
         return token
 
     def _as_id_list(self, ids: Any) -> list[int]:
+        """Token ids as a list of Python ints (from a list, a tuple, a 1-D tensor or array), each in the vocabulary."""
         if hasattr(ids, "tolist"):  # torch tensor / numpy array
             ids = ids.tolist()
-        if isinstance(ids, int):
+        if isinstance(ids, int) and not isinstance(ids, bool):
             ids = [ids]
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        if not isinstance(ids, (list, tuple)):
             raise UserError(f"expected a list of token ids (ints), got {type(ids).__name__}")
+        try:
+            if any(isinstance(i, bool) for i in ids):
+                raise TypeError("bool is not a token id")
+            # operator.index takes ints and numpy/torch integer scalars; it refuses floats, strs and lists.
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise UserError("expected a flat list of token ids (ints); for a batch of rows use batch_decode") from None
         size = self.vocab_size
         bad = [i for i in ids if not 0 <= i < size]
         if bad:
