@@ -100,13 +100,14 @@ class MegatronBertSelfAttention(nn.Module):
         """Q, K and V stacked into one (3 * inner, hidden) weight, for one GEMM instead of three.
 
         Only without autograd (inference) and for plain tensors (not DTensor shards, whose
-        concatenation would gather them). Cached until a weight changes (tensor version).
+        concatenation would gather them, nor int8-quantized Linears, whose packed weight is
+        a method). Cached until a weight changes (tensor version).
         """
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         weights = (self.query.weight, self.key.weight, self.value.weight)
         biases = (self.query.bias, self.key.bias, self.value.bias)
-        if any(hasattr(w, "placements") for w in weights):
+        if any(not isinstance(w, torch.Tensor) or hasattr(w, "placements") for w in weights):
             return None
         stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in weights + biases)
         cached = self.__dict__.get("_qkv_cache")
