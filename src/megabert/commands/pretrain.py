@@ -1,0 +1,129 @@
+"""`megabert pretrain`: pretrain a MegatronBERT (MLM + NSP/SOP) on an indexed dataset."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+DESCRIPTION = """\
+Pretrain a MegatronBERT from scratch on a Megatron indexed dataset (from `megabert preprocess`):
+masked-LM plus next-sentence (nsp) or sentence-order (sop) prediction, AdamW with warmup and
+linear/cosine decay, gradient clipping and accumulation, bf16 autocast.
+
+Outputs in --output: final/ (the model as a Hugging Face folder with the tokenizer: loads with
+megabert and transformers), checkpoints/step-N/ (the last --keep-last), metrics.jsonl,
+curves.png (with matplotlib), tensorboard/ (with tensorboard), run_config.json.
+
+Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and stops; run the same
+command with --resume auto to continue exactly where it stopped."""
+
+EPILOG = """\
+example:
+  megabert train-tokenizer books/*.txt --vocab-size 30000 --output tok/
+  megabert preprocess books/*.txt --tokenizer tok/ --output data/books --valid-fraction 0.02
+  megabert pretrain --data data/books_train --valid-data data/books_valid --tokenizer tok/ \\
+      --model-config tiny --output runs/tiny --max-steps 2000 --batch-size 32 --seq-length 128 \\
+      --lr 5e-4 --warmup-steps 200 --schedule linear --bf16 --eval-every 200 --save-every 500
+  megabert pretrain ... --output runs/tiny --resume auto      # continue after a stop"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``pretrain`` subcommand."""
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pretrain a MegatronBERT (MLM + NSP/SOP) on an indexed dataset",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data = p.add_argument_group("data and model")
+    data.add_argument("--data", required=True, metavar="PREFIX", help="training data prefix (PREFIX.bin/.idx)")
+    data.add_argument("--valid-data", metavar="PREFIX", help="validation data prefix (evaluated every --eval-every)")
+    data.add_argument("--tokenizer", required=True, metavar="DIR", help="the tokenizer the data was preprocessed with")
+    data.add_argument(
+        "--model-config", default="tiny", metavar="SPEC",
+        help="tiny (4x256), base (12x768), large (24x1024, the 345M shape), or a config.json / model folder",
+    )
+    data.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    data.add_argument("--seq-length", type=int, default=128, metavar="L", help="tokens per sample (default 128)")
+    data.add_argument("--batch-size", type=int, default=32, metavar="B", help="samples per micro-batch (default 32)")
+    data.add_argument("--binary-task", choices=("nsp", "sop", "none"), default="nsp",
+                      help="sentence-pair task next to MLM (default nsp)")
+    data.add_argument("--masked-lm-prob", type=float, default=0.15, metavar="P", help="fraction of tokens masked")
+    data.add_argument("--num-workers", type=int, default=0, metavar="N", help="data loader processes (default 0)")
+
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--max-steps", type=int, required=True, metavar="N", help="optimizer steps in all")
+    opt.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    opt.add_argument("--min-lr-ratio", type=float, default=0.0, metavar="R", help="final lr / peak lr (default 0)")
+    opt.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear warmup steps (default 0)")
+    opt.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear",
+                     help="decay after warmup (default linear)")
+    opt.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    opt.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per step (default 1)")
+    opt.add_argument("--clip-grad", type=float, default=1.0, metavar="NORM",
+                     help="max gradient norm (default 1.0; 0 = no clipping)")
+    precision = opt.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU and CUDA)")
+    precision.add_argument("--fp16", action="store_true", help="fp16 autocast with a grad scaler (CUDA)")
+    opt.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+    opt.add_argument("--seed", type=int, default=1234, help="seed of init, data order, masking, dropout")
+    opt.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+
+    run_group = p.add_argument_group("evaluation, checkpoints, logging")
+    run_group.add_argument("--eval-every", type=int, default=0, metavar="N", help="steps between evaluations (0: at the end)")
+    run_group.add_argument("--eval-batches", type=int, default=50, metavar="N", help="validation batches per evaluation")
+    run_group.add_argument("--save-every", type=int, default=0, metavar="N", help="steps between checkpoints (0: at the end)")
+    run_group.add_argument("--keep-last", type=int, default=3, metavar="K", help="checkpoints kept (default 3)")
+    run_group.add_argument("--resume", metavar="CKPT", help="a checkpoint folder, or 'auto' (the latest in --output)")
+    run_group.add_argument("--log-every", type=int, default=10, metavar="N", help="steps between metric records")
+    run_group.add_argument("--max-minutes", type=float, metavar="M", help="stop (with a checkpoint) after M minutes")
+    run_group.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the configs from the arguments, run the job, print where the outputs are."""
+    from megabert.train.checkpoint import CheckpointConfig
+    from megabert.train.logging import MetricsConfig
+    from megabert.train.optim import OptimizerConfig, ScheduleConfig
+    from megabert.train.pretrain import PretrainDataConfig, run_pretraining
+    from megabert.train.trainer import TrainerConfig
+
+    binary = None if args.binary_task == "none" else args.binary_task
+    result = run_pretraining(
+        args.model_config,
+        args.tokenizer,
+        PretrainDataConfig(
+            data=args.data, valid_data=args.valid_data, seq_length=args.seq_length, batch_size=args.batch_size,
+            binary_task=binary, masked_lm_prob=args.masked_lm_prob, eval_batches=args.eval_batches,
+            num_workers=args.num_workers,
+        ),
+        TrainerConfig(
+            output_dir=args.output, max_steps=args.max_steps, grad_accum=args.grad_accum,
+            clip_grad=args.clip_grad if args.clip_grad and args.clip_grad > 0 else None,
+            precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every, seed=args.seed,
+            device=args.device, max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+        ),
+        optimizer=OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay),
+        schedule=ScheduleConfig(kind=args.schedule, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio),
+        checkpoints=CheckpointConfig(save_every=args.save_every, keep_last=args.keep_last, resume=args.resume),
+        metrics=MetricsConfig(log_every=args.log_every, progress=not args.quiet),
+    )
+    train = result.train
+    ckpt = train.last_checkpoint
+    if train.interrupted:
+        print(f"stopped by {train.stop_reason} at step {train.step}; checkpoint: {ckpt}", file=sys.stderr)
+        print(f"continue with the same command plus --resume auto (or --resume {ckpt})", file=sys.stderr)
+        return 128 + int(getattr(signal, train.stop_reason))
+    if result.eval_results:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.eval_results.items()))
+        print(f"valid: {shown}")
+    if train.stop_reason == "time limit":
+        print(f"stopped at the time limit after step {train.step}; --resume auto continues")
+    print(f"model: {result.final_dir}")
+    print(f"checkpoint: {ckpt}")
+    print(f"metrics: {result.metrics_file}" + (f"  curves: {result.curves_file}" if result.curves_file else ""))
+    return 0

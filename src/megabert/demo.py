@@ -1,0 +1,277 @@
+"""Quickstart: ``python -m megabert.demo`` (``make demo``) pretrains a tiny MegatronBERT from nothing.
+
+On a fresh machine, with no data given, it:
+
+1. writes a corpus from the Python language reference that every Python install carries
+   (``pydoc_data.topics``): one document per section, one line per paragraph of prose;
+2. trains a WordPiece vocabulary on it (:func:`megabert.train_tokenizer`);
+3. tokenizes it into a Megatron indexed dataset with a validation split (``megabert preprocess``);
+4. pretrains the ``tiny`` model (4 layers x 256, MLM + NSP) for a few minutes on the CPU
+   through the same code as ``megabert pretrain``;
+5. prints fill-mask and next-sentence predictions of the trained model, and where the model,
+   the metrics and the curves are.
+
+Everything goes into ``--output`` (default ``demo-output/``); running the demo again replaces
+its previous output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from megabert.errors import UserError
+
+MARKER = ".megabert-demo"
+# Held-out style probes: sentences in the reference's wording, one word masked.
+FILL_MASK_TEXTS = (
+    "The [MASK] statement is used to iterate over the elements of a sequence.",
+    "A [MASK] statement executed in the first suite terminates the loop.",
+    "The value of the [MASK] is returned to the caller.",
+)
+NEXT_SENTENCE_PAIRS = (
+    (
+        "The for statement is used to iterate over the elements of a sequence.",
+        "The expression list is evaluated once; it should yield an iterable object.",
+    ),
+    (
+        "The for statement is used to iterate over the elements of a sequence.",
+        "Complex numbers have a real and imaginary part, which are each a floating point number.",
+    ),
+)
+_HEADING_RULE = re.compile(r"^(\*{3,}|={3,}|-{3,}|\^{3,}|~{3,})\s*$")
+
+
+# --------------------------------------------------------------------------------- corpus
+def reference_documents() -> list[list[str]]:
+    """The language reference as documents (sections) of paragraphs (prose only, code left out)."""
+    from pydoc_data.topics import topics
+
+    documents: list[list[str]] = []
+    for name in sorted(topics):
+        lines = topics[name].splitlines()
+        paragraphs: list[str] = []
+        current: list[str] = []
+
+        def flush() -> None:
+            if current:
+                text = " ".join(current)
+                if len(text.split()) >= 4:  # headings and fragments make poor sentences
+                    paragraphs.append(text)
+                current.clear()
+
+        for index, line in enumerate(lines):
+            nxt = lines[index + 1] if index + 1 < len(lines) else ""
+            if _HEADING_RULE.match(nxt) or _HEADING_RULE.match(line):
+                # A heading (title + underline) starts a new document.
+                flush()
+                if paragraphs:
+                    documents.append(paragraphs)
+                paragraphs = []
+                continue
+            if not line.strip() or line.startswith((" ", "\t")):  # blank or code/grammar block
+                flush()
+                continue
+            current.append(line.strip())
+        flush()
+        if paragraphs:
+            documents.append(paragraphs)
+    return documents
+
+
+def write_corpus(folder: Path) -> Path:
+    """The corpus as a text file in ``megabert preprocess``'s format (blank line between documents)."""
+    documents = reference_documents()
+    path = folder / "python-reference.txt"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join("\n".join(doc) for doc in documents) + "\n", encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------ predictions
+def fill_mask(model: Any, tokenizer: Any, text: str, top_k: int = 5) -> list[tuple[str, float]]:
+    """The ``top_k`` tokens (and probabilities) for the first [MASK] of ``text``, specials excluded."""
+    import torch
+
+    encoded = tokenizer(text, return_tensors="pt")
+    positions = (encoded["input_ids"][0] == tokenizer.mask_token_id).nonzero()
+    if len(positions) == 0:
+        raise UserError(f"no {tokenizer.mask_token} in {text!r}")
+    with torch.no_grad():
+        out = model(input_ids=encoded["input_ids"], token_type_ids=encoded["token_type_ids"],
+                    attention_mask=encoded["attention_mask"])
+    logits = out.prediction_logits[0, int(positions[0])]  # (vocab,)
+    logits[tokenizer.all_special_ids] = float("-inf")
+    logits[len(tokenizer):] = float("-inf")  # padding rows of the embedding are not tokens
+    probs = logits.softmax(-1)
+    top = probs.topk(top_k)
+    return [(tokenizer.convert_ids_to_tokens(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
+
+
+def next_sentence_probability(model: Any, tokenizer: Any, first: str, second: str) -> float:
+    """P(``second`` follows ``first``) from the NSP head (label 0 = continuation)."""
+    import torch
+
+    encoded = tokenizer(first, second, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**{k: encoded[k] for k in ("input_ids", "token_type_ids", "attention_mask")})
+    return float(out.seq_relationship_logits[0].softmax(-1)[0])
+
+
+def _fill_mask_with_pipeline(model_dir: Path, text: str) -> list[tuple[str, float]] | None:
+    """Use megabert's fill-mask pipeline when it is installed (None otherwise)."""
+    try:
+        from megabert.inference.pipelines import pipeline
+    except ImportError:
+        return None
+    try:
+        results = pipeline("fill-mask", model=str(model_dir))(text, top_k=5)
+    except Exception:  # noqa: BLE001 - the demo falls back to its own few lines
+        return None
+    return [(r["token_str"], float(r["score"])) for r in results]
+
+
+# ------------------------------------------------------------------------------------- run
+def _prepare_output(output: Path) -> None:
+    if output.exists():
+        if not (output / MARKER).is_file():
+            if any(output.iterdir()):
+                raise UserError(f"{output} exists and was not written by the demo; choose another --output")
+        else:
+            shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / MARKER).write_text("written by python -m megabert.demo; safe to delete\n")
+
+
+def run_demo(
+    output: str | Path = "demo-output",
+    *,
+    model_config: str = "tiny",
+    vocab_size: int = 4000,
+    max_steps: int = 300,
+    max_minutes: float = 4.0,
+    batch_size: int = 16,
+    seq_length: int = 64,
+    lr: float = 1e-3,
+    seed: int = 1234,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the quickstart (see the module docstring); returns paths and predictions."""
+    import torch
+
+    from megabert.data.preprocess import preprocess_corpus
+    from megabert.modeling.heads import MegatronBertForPreTraining
+    from megabert.tokenization import MegatronBertTokenizer, train_tokenizer
+    from megabert.train.checkpoint import CheckpointConfig
+    from megabert.train.logging import MetricsConfig
+    from megabert.train.optim import OptimizerConfig, ScheduleConfig
+    from megabert.train.pretrain import PretrainDataConfig, run_pretraining
+    from megabert.train.trainer import TrainerConfig
+
+    output = Path(output)
+    _prepare_output(output)
+    start = time.perf_counter()
+    say = print if progress else (lambda *a, **k: None)
+
+    say("1/4  corpus: the Python language reference (pydoc_data.topics)")
+    corpus = write_corpus(output / "corpus")
+    say("2/4  training a WordPiece vocabulary")
+    train_tokenizer([corpus], vocab_size=vocab_size, output_dir=output / "tokenizer", show_progress=progress)
+    say("3/4  tokenizing into an indexed dataset (train/valid)")
+    summary = preprocess_corpus(
+        [corpus], output / "data" / "reference", output / "tokenizer", split_sentences=True,
+        valid_fraction=0.05, seed=seed, progress=progress,
+    )
+    say(textwrap.indent(summary.format(), "     "))
+    say(f"4/4  pretraining the {model_config} model (MLM + NSP) for up to {max_steps} steps / {max_minutes:g} minutes")
+    result = run_pretraining(
+        model_config,
+        output / "tokenizer",
+        PretrainDataConfig(
+            data=str(output / "data" / "reference_train"), valid_data=str(output / "data" / "reference_valid"),
+            seq_length=seq_length, batch_size=batch_size, binary_task="nsp", eval_batches=10,
+        ),
+        TrainerConfig(
+            output_dir=output / "run", max_steps=max_steps, eval_every=max(1, max_steps // 5), seed=seed,
+            device="cpu", max_seconds=max_minutes * 60,
+        ),
+        optimizer=OptimizerConfig(lr=lr),
+        schedule=ScheduleConfig("linear", warmup_steps=max(1, max_steps // 10), min_lr_ratio=0.1),
+        checkpoints=CheckpointConfig(save_every=0, keep_last=1),
+        metrics=MetricsConfig(log_every=max(1, max_steps // 30), progress=progress),
+    )
+    if result.final_dir is None:
+        raise UserError("the demo's training was interrupted; run it again")
+
+    model = MegatronBertForPreTraining.from_pretrained(result.final_dir).eval()
+    tokenizer = MegatronBertTokenizer.from_pretrained(result.final_dir)
+    torch.manual_seed(seed)
+    predictions = []
+    for text in FILL_MASK_TEXTS:
+        top = _fill_mask_with_pipeline(result.final_dir, text) or fill_mask(model, tokenizer, text)
+        predictions.append((text, top))
+    nsp = [(a, b, next_sentence_probability(model, tokenizer, a, b)) for a, b in NEXT_SENTENCE_PAIRS]
+
+    say("")
+    say(f"trained {result.train.step} steps in {time.perf_counter() - start:.0f}s "
+        + (f"(stopped at the {max_minutes:g}-minute limit)" if result.train.stop_reason == "time limit" else ""))
+    if result.eval_results:
+        say("validation: " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(result.eval_results.items())))
+    say("\nfill-mask (top 5):")
+    for text, top in predictions:
+        say(f"  {text}")
+        say("    " + "  ".join(f"{token} {p:.2f}" for token, p in top))
+    say("\nnext sentence (probability that B follows A):")
+    for a, b, p in nsp:
+        say(f"  A: {a}\n  B: {b}\n     -> {p:.2f}")
+    say("")
+    say(f"model + tokenizer: {result.final_dir}   (megabert or transformers from_pretrained)")
+    say(f"metrics: {result.metrics_file}")
+    if result.curves_file is not None:
+        say(f"curves:  {result.curves_file}")
+    else:
+        say("curves:  not drawn (pip install matplotlib, or the megabert[plot] extra)")
+    return {
+        "final_dir": result.final_dir,
+        "metrics_file": result.metrics_file,
+        "curves_file": result.curves_file,
+        "fill_mask": predictions,
+        "next_sentence": nsp,
+        "steps": result.train.step,
+        "eval": result.eval_results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m megabert.demo",
+        description="Pretrain a tiny MegatronBERT on the Python language reference and show its predictions.",
+    )
+    parser.add_argument("--output", default="demo-output", help="output folder (default demo-output/)")
+    parser.add_argument("--max-steps", type=int, default=300, help="training steps (default 300)")
+    parser.add_argument("--max-minutes", type=float, default=4.0, help="training time limit (default 4)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-length", type=int, default=64)
+    parser.add_argument("--vocab-size", type=int, default=4000)
+    parser.add_argument("--model-config", default="tiny", help="tiny | base | large | a config.json")
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    try:
+        run_demo(
+            args.output, model_config=args.model_config, vocab_size=args.vocab_size, max_steps=args.max_steps,
+            max_minutes=args.max_minutes, batch_size=args.batch_size, seq_length=args.seq_length, seed=args.seed,
+        )
+    except (UserError, FileNotFoundError, ValueError) as exc:
+        print(f"megabert demo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

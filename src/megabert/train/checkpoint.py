@@ -1,0 +1,260 @@
+"""Training checkpoints: written atomically, the last K kept, found again by ``--resume auto``.
+
+Layout of one checkpoint, ``OUT/checkpoints/step-00000100/``::
+
+    model/               the model as a Hugging Face folder (config.json + model.safetensors),
+                         plus whatever the job adds (the tokenizer files for pretraining)
+    trainer_state.pt     optimizer, LR scheduler, grad scaler, RNG states (python, numpy, torch,
+                         CUDA) per rank, and the data position (micro-batches / samples consumed)
+    trainer_state.json   the same position in readable form, the model config and the run's
+                         signature (settings a resume must not change); written last
+
+The folder is assembled under a temporary name and renamed into place only when complete
+(:func:`megabert.utils.atomic_folder`), so a process killed at any moment (SIGKILL included)
+leaves either the new checkpoint or none, never a half-written one; :func:`list_checkpoints`
+also ignores any folder that lacks ``trainer_state.json``. Old checkpoints are removed by a
+rename to a hidden name first, so a kill during deletion cannot leave a broken one visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from megabert.errors import UserError
+from megabert.utils import atomic_folder
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+STATE_FILE = "trainer_state.pt"
+INFO_FILE = "trainer_state.json"
+_NAME = re.compile(r"^step-(\d+)$")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CheckpointConfig:
+    """When to write checkpoints and where to resume from."""
+
+    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end / on a signal)
+    keep_last: int = 3  # how many checkpoints to keep (older ones are deleted)
+    resume: str | None = None  # a checkpoint folder, an output folder, or "auto" (latest in OUT)
+    save_on_signal: bool = True  # SIGINT/SIGTERM: finish the step, checkpoint, stop
+
+    def validate(self) -> None:
+        if self.save_every < 0:
+            raise UserError(f"save every must be >= 0 steps, got {self.save_every}")
+        if self.keep_last < 1:
+            raise UserError(f"keep last must be >= 1 checkpoint, got {self.keep_last}")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint folder whose last-written file exists (the atomic rename guarantees the rest)."""
+    return (folder / INFO_FILE).is_file() and (folder / STATE_FILE).is_file() and (folder / MODEL_DIR).is_dir()
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` (``OUT/checkpoints``), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _NAME.match(child.name)
+        if match and child.is_dir() and is_complete(child):
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def clean_partial(root: str | os.PathLike) -> None:
+    """Remove the temp folders a killed save or prune left behind (``.step-*.partial``, ``.step-*.deleting``)."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        if child.name.startswith(".step-") and child.name.endswith((".partial", ".deleting")):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def resolve_resume(spec: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint folder ``--resume`` names, or None to start fresh.
+
+    ``auto``: the latest complete checkpoint in ``OUT/checkpoints`` (None if there is none, so
+    the same command starts or continues a run). A path: a checkpoint folder, or an output
+    folder whose latest checkpoint is taken. Anything else is a UserError saying what was found.
+    """
+    if spec is None or spec == "":
+        return None
+    if str(spec) == "auto":
+        return latest_checkpoint(Path(output_dir) / CHECKPOINTS_DIR)
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"--resume {path}: no such checkpoint folder")
+    if path.is_dir() and is_complete(path):
+        return path
+    for root in (path / CHECKPOINTS_DIR, path):
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            return latest
+    raise UserError(
+        f"--resume {path}: not a complete checkpoint (expected {MODEL_DIR}/, {STATE_FILE} and {INFO_FILE}, "
+        f"or an output folder with {CHECKPOINTS_DIR}/step-N inside)"
+    )
+
+
+# ----------------------------------------------------------------------------- RNG state
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and CUDA generator states, in tensors and plain types only.
+
+    (numpy's key array is stored as a tensor so that the file loads with ``weights_only``.)
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Undo :func:`capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- model files
+def save_model(model: nn.Module, folder: Path) -> None:
+    """The model's weights into ``folder``: ``save_pretrained`` (HF layout) when it has one."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder)
+    else:
+        from safetensors.torch import save_model as save_safetensors_model
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_safetensors_model(model, str(folder / "model.safetensors"))
+
+
+def load_model_weights(model: nn.Module, folder: Path) -> None:
+    """Load weights written by :func:`save_model` into ``model`` (in place, shapes checked)."""
+    if hasattr(model, "load_checkpoint_state"):
+        from megabert.modeling.pretrained import read_state_dict
+
+        model.load_checkpoint_state(read_state_dict(folder), source=str(folder))
+    else:
+        from safetensors.torch import load_model as load_safetensors_model
+
+        load_safetensors_model(model, str(folder / "model.safetensors"))
+
+
+# ------------------------------------------------------------------------ save and load
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    state: Mapping[str, Any],
+    info: Mapping[str, Any],
+    save_extras: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically; returns its folder.
+
+    ``state`` (tensors, optimizer state...) goes to trainer_state.pt, ``info`` (JSON-able) to
+    trainer_state.json; ``save_extras(model_folder)`` may add files beside the weights.
+    An existing checkpoint of the same step is replaced only once the new one is complete.
+    """
+    target = Path(root) / checkpoint_name(step)
+    with atomic_folder(target, overwrite=True) as tmp:
+        model_dir = tmp / MODEL_DIR
+        save_model(model, model_dir)
+        if save_extras is not None:
+            save_extras(model_dir)
+        torch.save(dict(state), tmp / STATE_FILE)
+        record = {"format_version": FORMAT_VERSION, "step": step, "saved_at": time.time(), **info}
+        (tmp / INFO_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return target
+
+
+def read_info(folder: str | os.PathLike) -> dict[str, Any]:
+    """The readable part of a checkpoint (step, data position, model config, run signature)."""
+    path = Path(folder) / INFO_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"checkpoint {folder}: cannot read {INFO_FILE} ({exc})") from None
+
+
+def load_state(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The tensors part of a checkpoint (trainer_state.pt), loaded without running pickled code."""
+    path = Path(folder) / STATE_FILE
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint {folder}: cannot load {STATE_FILE} ({first})") from None
+
+
+def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints; returns what was removed."""
+    removed = []
+    found = list_checkpoints(root)
+    for _, folder in found[: max(0, len(found) - keep_last)]:
+        # Hide it first: a kill during rmtree then leaves a hidden leftover, not a broken checkpoint.
+        hidden = folder.with_name(f".{folder.name}.deleting")
+        os.replace(folder, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every key whose value differs (missing keys count)."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if a != b:
+            diffs.append(f"{key}: {a!r} in the checkpoint, {b!r} now")
+    return diffs
+
+
+def check_compatible(
+    folder: Path, info: Mapping[str, Any], model_config: Mapping[str, Any] | None, signature: Mapping[str, Any]
+) -> None:
+    """Raise UserError when a checkpoint was made for another model config or run signature."""
+    problems = []
+    if model_config is not None and info.get("model_config") is not None:
+        problems += describe_differences(info["model_config"], model_config)
+    problems += describe_differences(info.get("signature") or {}, dict(signature))
+    if problems:
+        shown = "; ".join(problems[:6]) + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
+        raise UserError(
+            f"cannot resume from {folder}: it was written for a different configuration ({shown}). "
+            "Resume with the same settings, or start a new run in another output folder."
+        )

@@ -1,0 +1,72 @@
+"""The quickstart (`python -m megabert.demo`): corpus, the whole path at a toy size, its predictions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trainkit import tiny_config
+from megabert import MegatronBertForPreTraining
+from megabert.demo import FILL_MASK_TEXTS, fill_mask, next_sentence_probability, reference_documents, run_demo
+from megabert.tokenization import MegatronBertTokenizer
+
+
+def test_reference_corpus_is_prose_in_documents():
+    documents = reference_documents()
+    assert len(documents) > 100
+    paragraphs = [p for doc in documents for p in doc]
+    assert any(p.startswith('The "for" statement is used to iterate over the elements of a sequence') for p in paragraphs)
+    # Code and grammar blocks (indented in the source) are left out; headings are not paragraphs.
+    assert not any(p.startswith("for_stmt ::=") for p in paragraphs)
+    assert not any(set(p) <= set("*=-^~ ") for p in paragraphs)
+
+
+def test_demo_at_toy_size(tmp_path):
+    config = tmp_path / "model.json"
+    config.write_text(tiny_config(vocab_size=1024, max_position_embeddings=64).to_json_string())
+    out = tmp_path / "demo"
+    result = run_demo(out, model_config=str(config), vocab_size=1000, max_steps=3, batch_size=4, seq_length=32,
+                      progress=False)
+    final = result["final_dir"]
+    assert final == out / "run" / "final" and (final / "model.safetensors").is_file() and (final / "vocab.txt").is_file()
+    assert result["steps"] == 3 and "mlm_loss" in result["eval"] and "nsp_accuracy" in result["eval"]
+    assert [text for text, _ in result["fill_mask"]] == list(FILL_MASK_TEXTS)
+
+    # The printed predictions are the model's: recompute the first one by hand.
+    model = MegatronBertForPreTraining.from_pretrained(final).eval()
+    tokenizer = MegatronBertTokenizer.from_pretrained(final)
+    encoded = tokenizer(FILL_MASK_TEXTS[0], return_tensors="pt")
+    position = int((encoded["input_ids"][0] == tokenizer.mask_token_id).nonzero()[0])
+    with torch.no_grad():
+        logits = model(**{k: encoded[k] for k in ("input_ids", "token_type_ids", "attention_mask")}).prediction_logits[0, position]
+    logits[tokenizer.all_special_ids] = float("-inf")
+    logits[len(tokenizer):] = float("-inf")
+    best = logits.softmax(-1).topk(5)
+    expected = [(tokenizer.convert_ids_to_tokens(int(i)), float(p)) for p, i in zip(best.values, best.indices)]
+    got = fill_mask(model, tokenizer, FILL_MASK_TEXTS[0])
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [p for _, p in got] == pytest.approx([p for _, p in expected])
+    a, b, p = result["next_sentence"][0]
+    assert p == pytest.approx(next_sentence_probability(model, tokenizer, a, b), abs=1e-6) and 0.0 <= p <= 1.0
+
+    # Running it again replaces its own output; a foreign folder is refused.
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    from megabert.errors import UserError
+
+    with pytest.raises(UserError, match="exists and was not written by the demo; choose another --output"):
+        run_demo(foreign, progress=False)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_full_demo_runs_within_five_minutes(tmp_path):
+    """`python -m megabert.demo` as a user runs it (about 4-5 minutes on 2 CPU cores)."""
+    proc = subprocess.run([sys.executable, "-m", "megabert.demo", "--output", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr
+    assert "fill-mask (top 5):" in proc.stdout and "model + tokenizer:" in proc.stdout
