@@ -259,7 +259,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(module, "save_file", interrupted)
+    monkeypatch.setattr(module, "write_safetensors", interrupted)
     ckpt = megatron_shards(reference_model(), Layout(version=None, args=False))[(0, 0)]
     src = write_ngc_zip(tmp_path / "ngc.zip", ckpt, tmp_path)
     with pytest.raises(KeyboardInterrupt):

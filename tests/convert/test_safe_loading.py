@@ -57,6 +57,23 @@ def test_malicious_checkpoint_is_refused(tmp_path, payload, zip_format):
     assert code == 2 and not planted.exists()
 
 
+def test_other_libraries_allowlists_do_not_apply(tmp_path):
+    """A library that allowlisted `open` globally (megatron-core does allowlist its own types) changes nothing."""
+    planted = tmp_path / "pwned"
+    path = tmp_path / "model_optim_rng.pt"
+    torch.save({"model": {}, "x": _CreatesFile(str(planted))}, path)
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([(open, "io.open")])
+    try:
+        with pytest.raises(UserError, match=r"its pickle refers to io\.open"):
+            safe_load(path)
+        assert (open, "io.open") in torch.serialization.get_safe_globals()  # restored afterwards
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+    assert not planted.exists()
+
+
 def test_allowed_types_load(tmp_path):
     """Namespace, numpy RNG state, BytesIO extra state, CUDA-free tensors: what real files hold."""
     state = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 DESCRIPTION = """\
 Convert checkpoints between Megatron-LM and the Hugging Face layout (config.json +
@@ -29,7 +30,7 @@ MEGATRON_EPILOG = """\
 example:
   megabert convert megatron megatron_bert_345m_v0_1_uncased.zip bert-345m-uncased \\
       --vocab-file vocab.txt --lowercase
-  megabert fill-mask --model bert-345m-uncased "The capital of France is [MASK]." """
+  megabert fill-mask bert-345m-uncased "The capital of France is [MASK]." """
 
 TO_MEGATRON_EPILOG = """\
 example:
@@ -104,21 +105,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     to_mlm.set_defaults(run=run_hf_to_megatron)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the message."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _show_notes() -> None:
     """Print the converter's notes (assumed head count, padding, ...) on stderr."""
     logger = logging.getLogger("megabert.convert")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("megabert convert: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
 
 
+def _refuse_existing(out: str, overwrite: bool) -> None:
+    if not overwrite and Path(out).exists():
+        raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")
+
+
 def run_megatron_to_hf(args: argparse.Namespace) -> int:
     """Megatron-LM -> HF."""
     from megabert.convert.megatron_lm import convert_megatron_to_hf
 
+    _refuse_existing(args.out, args.overwrite)
     _show_notes()
     out = convert_megatron_to_hf(
         args.src,
@@ -136,6 +151,7 @@ def run_hf_to_megatron(args: argparse.Namespace) -> int:
     """HF -> Megatron-LM."""
     from megabert.convert.megatron_lm import convert_hf_to_megatron
 
+    _refuse_existing(args.out, args.overwrite)
     _show_notes()
     out = convert_hf_to_megatron(
         args.hf_dir,

@@ -4,26 +4,28 @@ Steps: find the shards (:mod:`sources`), load them safely and memory-mapped (:mo
 work out the config (``args`` when saved, shapes otherwise; :mod:`megatron_args`), then walk
 every source tensor through the key table (:mod:`keys`): merge its tensor-parallel shards,
 undo the fused QKV (:mod:`qkv`), renumber pipeline-stage layers. Every source tensor must be
-used and every target tensor made, or the conversion stops with the names.
+used and every target tensor made, or the conversion stops with the names. The result is a
+plan (shape, dtype, how to make it) per HF tensor, so the writer holds one at a time.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from megabert.config import MegatronBertConfig
 from megabert.convert.keys import CORE_RULES, LEGACY_RULES, Rule, Split, expected_hf_keys, source_table, template_of
 from megabert.convert.megatron_args import MEGATRON_DEFAULT_EPS, activation_from_args, arg, check_supported
 from megabert.convert.qkv import split_qkv
 from megabert.convert.reader import LEGACY, LoadedCheckpoint
+from megabert.convert.stream_safetensors import PendingTensor
 from megabert.errors import UserError
 
-__all__ = ["Dims", "checkpoint_dims", "config_from_checkpoint", "convert_state"]
+__all__ = ["Dims", "check_checkpoint", "checkpoint_dims", "config_from_checkpoint", "plan_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,32 +169,61 @@ def _check_shapes(rule: Rule, key: str, shards: list[torch.Tensor], files: list[
             )
 
 
-def _merge(rule: Rule, shards: list[torch.Tensor], dims: Dims, version: float) -> list[torch.Tensor]:
-    """One tensor per rule target, the tensor-parallel shards joined."""
+def _merged_shape(rule: Rule, dims: Dims) -> tuple[int, ...]:
+    """The HF shape of each of ``rule``'s targets (Q, K and V each take a third of the fused rows)."""
+    shape = tuple(dims.size(symbol) for symbol in rule.shape)
+    if rule.transform == "qkv":
+        return (dims.hidden, *shape[1:])
+    return shape
+
+
+def _makers(rule: Rule, shards: list[torch.Tensor], dims: Dims, version: float) -> list[Callable[[], torch.Tensor]]:
+    """One function per rule target that builds the HF tensor from the tensor-parallel shards.
+
+    Nothing is computed until a function is called, so a writer can make, write and release
+    one tensor at a time. Q, K and V of one fused tensor share a one-layer cache: the split
+    runs once and is dropped after the third is taken.
+    """
     if rule.transform == "qkv":
         heads_per_rank = dims.heads // len(shards)
-        per_rank = [split_qkv(t, heads_per_rank, version) for t in shards]  # each: (q, k, v)
-        # rank r holds heads [r * heads_per_rank, (r + 1) * heads_per_rank): stack them in order
-        return [torch.cat([parts[i] for parts in per_rank], dim=0) if len(per_rank) > 1 else per_rank[0][i] for i in range(3)]
+        cache: dict[str, Any] = {}
+
+        def part(index: int) -> torch.Tensor:
+            if "parts" not in cache:
+                per_rank = [split_qkv(t, heads_per_rank, version) for t in shards]  # each: (q, k, v)
+                # rank r holds heads [r * heads_per_rank, (r + 1) * heads_per_rank): stack in order
+                cache["parts"] = [
+                    torch.cat([parts[i] for parts in per_rank], dim=0) if len(per_rank) > 1 else per_rank[0][i]
+                    for i in range(3)
+                ]
+                cache["taken"] = set()
+            result = cache["parts"][index]
+            cache["taken"].add(index)
+            if len(cache["taken"]) == 3:
+                cache.clear()
+            return result
+
+        return [lambda i=i: part(i) for i in range(3)]
     if len(shards) == 1 or rule.split is Split.REPLICATED:
-        return [shards[0]]
-    return [torch.cat(shards, dim=0 if rule.split is Split.ROWS else 1)]
+        return [lambda: shards[0]]
+    dim = 0 if rule.split is Split.ROWS else 1
+    return [lambda: torch.cat(shards, dim=dim)]
 
 
-def convert_state(ckpt: LoadedCheckpoint, dims: Dims) -> tuple[dict[str, torch.Tensor], bool, bool]:
-    """The HF state dict of ``ckpt``; also whether it has the binary head and an untied output layer.
+def plan_state(ckpt: LoadedCheckpoint, dims: Dims) -> tuple[dict[str, PendingTensor], bool, bool]:
+    """How to make each tensor of the HF state dict of ``ckpt``; whether it has the binary head and an untied output.
 
-    Raises UserError for an unknown tensor, a tensor missing on some ranks, a shape that
-    disagrees with ``dims``, or an HF tensor that no source tensor made.
+    Every source tensor is matched to a rule and its shards' shapes checked now; the tensors
+    themselves are made later, one at a time (:class:`PendingTensor`). Raises UserError for an
+    unknown tensor, a tensor missing on some ranks, a shape that disagrees with ``dims``, or an
+    HF tensor that no source tensor makes.
     """
     table = source_table(LEGACY_RULES if ckpt.layout == LEGACY else CORE_RULES)
-    state: dict[str, torch.Tensor] = {}
+    plan: dict[str, PendingTensor] = {}
     made_by: dict[str, str] = {}
-    output_weight: torch.Tensor | None = None
+    output_weight: PendingTensor | None = None
     unknown: list[str] = []
     offset = 0
-    total = sum(len(stage[0]) for stage in ckpt.stages)
-    progress = tqdm(total=total, desc="converting", unit="tensor", disable=None)
     for index, stage in enumerate(ckpt.stages):
         files = ckpt.files[index]
         reference = set(stage[0])
@@ -204,7 +235,6 @@ def convert_state(ckpt: LoadedCheckpoint, dims: Dims) -> tuple[dict[str, torch.T
                     "the tensor-parallel shards are not from one checkpoint"
                 )
         for key, value in stage[0].items():
-            progress.update(1)
             if key.endswith("_extra_state") or not isinstance(value, torch.Tensor):
                 continue  # Transformer Engine / fp8 bookkeeping, not weights
             template, local_layer = template_of(key)
@@ -215,51 +245,54 @@ def convert_state(ckpt: LoadedCheckpoint, dims: Dims) -> tuple[dict[str, torch.T
             shards = [flat[key] for flat in stage]
             _check_shapes(rule, key, shards, files, dims)
             layer = None if local_layer is None else offset + local_layer
-            for target, tensor in zip(rule.targets, _merge(rule, shards, dims, ckpt.version)):
-                name = target.format(layer=layer) if layer is not None else target
+            shape = _merged_shape(rule, dims)
+            for target, make in zip(rule.targets, _makers(rule, shards, dims, ckpt.version)):
+                pending = PendingTensor(shape, value.dtype, make)
                 if rule.group == "output_weight":
-                    output_weight = tensor
+                    output_weight = pending
                     continue
-                if name in state:
+                name = target.format(layer=layer) if layer is not None else target
+                if name in plan:
                     raise UserError(f"{ckpt.where}: both {made_by[name]} and {key} convert to {name}")
-                state[name] = tensor
+                plan[name] = pending
                 made_by[name] = key
         offset += _stage_layer_count(stage[0])
-    progress.close()
     if unknown:
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise UserError(
             f"{ckpt.where}: tensor(s) that are not part of a Megatron BERT: {', '.join(unknown[:5])}{more}"
         )
 
-    binary_head = "cls.seq_relationship.weight" in state
+    binary_head = "cls.seq_relationship.weight" in plan
     word_key = "bert.embeddings.word_embeddings.weight"
     untied = False
-    if output_weight is not None and word_key in state:
+    if output_weight is not None and word_key in plan:
         # The output layer has its own weight: a separate (untied) layer when the args say so or
         # when it differs from the embeddings; otherwise it is Megatron's copy for the last stage.
         untied = bool(arg(ckpt.args, "untie_embeddings_and_output_weights", False)) or not torch.equal(
-            output_weight, state[word_key]
+            output_weight.make(), plan[word_key].make()
         )
         if untied:
-            state["cls.predictions.decoder.weight"] = output_weight
+            plan["cls.predictions.decoder.weight"] = output_weight
     token_key = "bert.embeddings.token_type_embeddings.weight"
-    if token_key not in state and word_key in state:
+    if token_key not in plan and word_key in plan:
         # Trained without token types: a zero table adds nothing, as Megatron does.
-        state[token_key] = torch.zeros(2, dims.hidden, dtype=state[word_key].dtype)
+        dtype = plan[word_key].dtype
+        plan[token_key] = PendingTensor((2, dims.hidden), dtype, lambda: torch.zeros(2, dims.hidden, dtype=dtype))
 
     expected = expected_hf_keys(dims.layers, binary_head, untied)
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in plan]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise UserError(
             f"{ckpt.where} is incomplete: nothing converts to {', '.join(missing[:5])}{more} "
             "(a pipeline stage or part of the model is missing)"
         )
-    extra = [k for k in state if k not in set(expected)]
+    extra = [k for k in plan if k not in set(expected)]
     if extra:
         raise UserError(f"{ckpt.where}: unexpected tensors {', '.join(extra[:5])} (e.g. a pooler without a binary head)")
-    return {k: state[k] for k in expected}, binary_head, untied
+    # Write in the source's order (stage by stage), which keeps a layer's Q, K, V together.
+    return plan, binary_head, untied
 
 
 def config_from_checkpoint(ckpt: LoadedCheckpoint, dims: Dims, binary_head: bool, untied: bool, dtype: torch.dtype) -> MegatronBertConfig:

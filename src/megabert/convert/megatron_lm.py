@@ -20,14 +20,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from megabert.config import MegatronBertConfig
-from megabert.convert.from_megatron import check_checkpoint, checkpoint_dims, config_from_checkpoint, convert_state
+from megabert.convert.from_megatron import check_checkpoint, checkpoint_dims, config_from_checkpoint, plan_state
 from megabert.convert.megatron_args import config_to_args, lowercase_from_args
 from megabert.convert.qkv import check_version
 from megabert.convert.reader import load_checkpoint
 from megabert.convert.sources import CHECKPOINT_NAME, TRACKER_NAME, ShardSet, find_shards
+from megabert.convert.stream_safetensors import write_safetensors
 from megabert.convert.to_megatron import check_hf_shapes, megatron_shard, normalise_hf_state, pad_vocab
 from megabert.errors import UserError
 from megabert.utils import atomic_folder
@@ -105,15 +106,16 @@ def convert_megatron_to_hf(
         ckpt = load_checkpoint(shards)
         check_checkpoint(ckpt)
         dims = checkpoint_dims(ckpt, num_attention_heads)
-        state, binary_head, untied = convert_state(ckpt, dims)
-        dtype = state["bert.embeddings.word_embeddings.weight"].dtype
+        plan, binary_head, untied = plan_state(ckpt, dims)
+        dtype = plan["bert.embeddings.word_embeddings.weight"].dtype
         config = config_from_checkpoint(ckpt, dims, binary_head, untied, dtype)
         if vocab_file is not None:
             _write_tokenizer(tmp, Path(vocab_file), _resolve_lowercase(lowercase, ckpt.args, str(src)), config)
         config.save_pretrained(tmp)
-        save_file(state, str(tmp / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+        with tqdm(total=len(plan), desc="converting", unit="tensor", disable=None) as progress:
+            write_safetensors(tmp / SAFE_WEIGHTS_NAME, plan, metadata={"format": "pt"}, progress=progress)
         # Let go of the memory-mapped shards before removing extracted files.
-        del state, ckpt
+        del plan, ckpt
         shutil.rmtree(tmp / _SCRATCH, ignore_errors=True)
     logger.info("wrote %s (%d layers, vocab %d, eps %g)", out, config.num_hidden_layers, config.vocab_size, config.layer_norm_eps)
     return out

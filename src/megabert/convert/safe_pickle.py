@@ -14,7 +14,9 @@ storages (CPU and CUDA, new zip and legacy formats), dtypes, ``torch.Size``/``de
   replaced by an inert :class:`MegatronObject` that only records its name and arguments, so
   Megatron-LM need not be installed and none of its code runs.
 
-Anything else stops the load with a :class:`~megabert.errors.UserError` that names the global.
+Anything else stops the load with a :class:`~megabert.errors.UserError` that names the global,
+even if another library in the process has widened torch's global allowlist: the load uses
+this module's list only.
 Files in the zip format are memory-mapped, so a tensor's bytes are read only when used.
 """
 
@@ -189,11 +191,18 @@ def safe_load(path: str | os.PathLike, mmap: bool | None = None) -> Any:
         allowed.extend(_placeholders_for(globals_in_checkpoint(path)))
     except (OSError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read checkpoint {path}: {exc}") from None
+    # Exactly our allowlist: other libraries in the process may have widened torch's global one
+    # (megatron-core allowlists pathlib paths and its own classes, for instance).
+    others = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
     try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=bool(mmap and is_zip))
+        torch.serialization.add_safe_globals(allowed)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=bool(mmap and is_zip))
     except pickle.UnpicklingError as exc:
         raise UserError(_describe_refusal(path, exc)) from None
     except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({first})") from None
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(others)
