@@ -1,0 +1,177 @@
+"""Reading pipeline inputs from files and writing results as JSON lines, for the command line.
+
+Inputs are streamed: a file is read line by line (or record by record), never loaded whole.
+Formats: ``text`` (one input per line; blank lines are skipped; a tab separates the two texts
+of a pair), ``jsonl`` (one JSON object per line), ``csv`` and ``tsv`` (a header row names the
+columns; TSV fields are taken verbatim, without quote processing, as GLUE files need). The
+format comes from the file extension unless given; stdin (``-``) is plain text unless given.
+
+Every problem is a :class:`~megabert.errors.UserError` that names the file and line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from megabert.errors import UserError
+from megabert.utils import atomic_path
+
+FORMATS = ("text", "jsonl", "csv", "tsv")
+_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+# QA contexts can be long: lift the csv module's 128 KB field limit.
+csv.field_size_limit(2**31 - 1)
+
+
+def detect_format(source: str, fmt: str | None) -> str:
+    """The input format: ``fmt`` if given, else from the extension (plain text otherwise)."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise UserError(f"unknown input format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        return fmt
+    if source == "-":
+        return "text"
+    return _EXTENSIONS.get(Path(source).suffix.lower(), "text")
+
+
+def check_source(source: str) -> None:
+    """A readable file (or ``-``), else a UserError."""
+    if source == "-":
+        return
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"input file {source} does not exist")
+    if path.is_dir():
+        raise UserError(f"input {source} is a folder, not a file")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"input file {source} is not readable")
+
+
+@contextlib.contextmanager
+def open_source(source: str) -> Iterator[IO[str]]:
+    """A text handle on the file or stdin: UTF-8, a leading byte-order mark dropped, newlines kept."""
+    if source == "-":
+        yield io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
+        return
+    with open(source, encoding="utf-8-sig", newline="") as handle:
+        yield handle
+
+
+def _lines(handle: IO[str], name: str) -> Iterator[tuple[int, str]]:
+    """(line number, line without its end) for every line; bad UTF-8 named by line."""
+    number = 0
+    try:
+        for number, line in enumerate(handle, start=1):
+            yield number, line.rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{name}:{number + 1}: not valid UTF-8 ({exc.reason})") from None
+
+
+def read_records(source: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each input of ``source``; a text line is ``{"text": line}``.
+
+    For csv/tsv the line number is the record's first line (the header is line 1).
+    """
+    name = "<stdin>" if source == "-" else source
+    with open_source(source) as handle:
+        if fmt == "text":
+            for number, line in _lines(handle, name):
+                if line.strip():
+                    yield number, {"text": line}
+        elif fmt == "jsonl":
+            for number, line in _lines(handle, name):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{name}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(record, dict):
+                    raise UserError(f"{name}:{number}: expected a JSON object, got {type(record).__name__}")
+                yield number, record
+        else:
+            yield from _table_records(handle, name, fmt)
+
+
+def _table_records(handle: IO[str], name: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    if fmt == "tsv":
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(handle)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        header = [column.strip() for column in header]
+        first_line = reader.line_num + 1
+        for row in reader:
+            if not any(field.strip() for field in row):
+                first_line = reader.line_num + 1
+                continue
+            if len(row) != len(header):
+                raise UserError(
+                    f"{name}:{first_line}: {len(row)} fields, but the header has {len(header)} "
+                    f"({', '.join(header)})"
+                )
+            yield first_line, dict(zip(header, row))
+            first_line = reader.line_num + 1
+    except csv.Error as exc:
+        raise UserError(f"{name}:{reader.line_num}: malformed {fmt.upper()} ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{name}:{reader.line_num + 1}: not valid UTF-8 ({exc.reason})") from None
+
+
+def table_header(source: str, fmt: str) -> list[str] | None:
+    """The column names of a csv/tsv file (None for other formats and stdin)."""
+    if fmt not in ("csv", "tsv") or source == "-":
+        return None
+    with open_source(source) as handle:
+        try:
+            line = handle.readline()
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{source}:1: not valid UTF-8 ({exc.reason})") from None
+    if not line.strip():
+        return []
+    if fmt == "tsv":
+        return [column.strip() for column in line.rstrip("\r\n").split("\t")]
+    return [column.strip() for column in next(csv.reader([line]))]
+
+
+def count_records(source: str, fmt: str) -> int | None:
+    """How many inputs a file holds (for the progress bar); None for stdin. Cheap: counts non-blank lines."""
+    if source == "-":
+        return None
+    count = 0
+    with open(source, "rb") as handle:
+        for line in handle:
+            if line.strip():
+                count += 1
+    if fmt in ("csv", "tsv"):
+        count = max(count - 1, 0)  # the header
+    return count
+
+
+@contextlib.contextmanager
+def open_output(path: str | None) -> Iterator[IO[str]]:
+    """Stdout (``None`` or ``-``), or a file written atomically: it appears only when all is written."""
+    if path is None or path == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"output {path} is a folder; give a file name")
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            yield handle
+
+
+def write_jsonl(handle: IO[str], record: dict[str, Any]) -> None:
+    """One JSON object per line (UTF-8 text kept as is, not \\u-escaped)."""
+    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
