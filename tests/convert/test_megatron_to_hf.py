@@ -122,6 +122,23 @@ def test_virtual_pipeline_chunks(tmp_path):
     _check_converted(_convert(tmp_path, megatron_shards(reference, Layout(virtual=2), tp=1, pp=2)), reference)
 
 
+def test_globally_numbered_pipeline_stages(tmp_path):
+    """Some tools number the layers of later stages globally (2, 3 instead of 0, 1): both read."""
+    reference = reference_model()
+    shards = megatron_shards(reference, Layout(core=True), tp=1, pp=2)
+    model = shards[(1, 0)]["model"]
+    shards[(1, 0)]["model"] = {k.replace("layers.0.", "layers.2.").replace("layers.1.", "layers.3."): v for k, v in model.items()}
+    _check_converted(_convert(tmp_path, shards), reference)
+
+
+def test_pipeline_stage_with_unexpected_layer_numbers(tmp_path):
+    shards = megatron_shards(reference_model(), Layout(core=True), tp=1, pp=2)
+    model = shards[(1, 0)]["model"]
+    shards[(1, 0)]["model"] = {k.replace("layers.0.", "layers.5.").replace("layers.1.", "layers.6."): v for k, v in model.items()}
+    with pytest.raises(UserError, match=r"mp_rank_00_001.*layers start at index 5, expected 0 \(or 2, after the 2 layers"):
+        _convert(tmp_path, shards)
+
+
 def test_untied_output_layer_with_pipeline(tmp_path):
     reference = reference_model(tie_word_embeddings=False)
     with torch.no_grad():

@@ -120,6 +120,17 @@ def test_not_a_checkpoint(tmp_path):
         safe_load(path)
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_truncated_checkpoint(tmp_path, zip_format):
+    full = tmp_path / "full.pt"
+    torch.save({"model": {"w": torch.randn(1000)}}, full, _use_new_zipfile_serialization=zip_format)
+    path = tmp_path / "model_optim_rng.pt"
+    path.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    expected = r"damaged zip archive \(truncated download\?\)" if zip_format else r"is not a readable PyTorch checkpoint \(unexpected EOF"
+    with pytest.raises(UserError, match=expected):
+        safe_load(path)
+
+
 # ------------------------------------------------------------------------------ zips
 
 

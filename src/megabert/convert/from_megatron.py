@@ -21,7 +21,7 @@ from megabert.config import MegatronBertConfig
 from megabert.convert.keys import CORE_RULES, LEGACY_RULES, Rule, Split, expected_hf_keys, source_table, template_of
 from megabert.convert.megatron_args import MEGATRON_DEFAULT_EPS, activation_from_args, arg, check_supported
 from megabert.convert.qkv import split_qkv
-from megabert.convert.reader import LEGACY, LoadedCheckpoint
+from megabert.convert.reader import CORE, LEGACY, LoadedCheckpoint
 from megabert.convert.stream_safetensors import PendingTensor
 from megabert.errors import UserError
 
@@ -29,9 +29,9 @@ __all__ = ["Dims", "check_checkpoint", "checkpoint_dims", "config_from_checkpoin
 
 logger = logging.getLogger(__name__)
 
-WORD_EMBEDDINGS = {LEGACY: "language_model.embedding.word_embeddings.weight", "core": "embedding.word_embeddings.weight"}
-POSITION_EMBEDDINGS = {LEGACY: "language_model.embedding.position_embeddings.weight", "core": "embedding.position_embeddings.weight"}
-TOKENTYPE_EMBEDDINGS = {LEGACY: "language_model.embedding.tokentype_embeddings.weight", "core": "embedding.tokentype_embeddings.weight"}
+WORD_EMBEDDINGS = {LEGACY: "language_model.embedding.word_embeddings.weight", CORE: "embedding.word_embeddings.weight"}
+POSITION_EMBEDDINGS = {LEGACY: "language_model.embedding.position_embeddings.weight", CORE: "embedding.position_embeddings.weight"}
+TOKENTYPE_EMBEDDINGS = {LEGACY: "language_model.embedding.tokentype_embeddings.weight", CORE: "embedding.tokentype_embeddings.weight"}
 _MLP_IN_TEMPLATES = ("mlp.dense_h_to_4h.weight", "mlp.linear_fc1.weight")
 # BERT's head size; used to guess the head count of a checkpoint saved without its args.
 _USUAL_HEAD_DIM = 64
@@ -73,9 +73,34 @@ def _first(ckpt: LoadedCheckpoint, key: str) -> tuple[int, list[torch.Tensor]] |
     return None
 
 
-def _stage_layer_count(stage: dict[str, Any]) -> int:
-    locals_ = [layer for layer in (template_of(k)[1] for k in stage) if layer is not None]
-    return 1 + max(locals_) if locals_ else 0
+def _stage_layers(stage: dict[str, Any]) -> list[int]:
+    """The layer indices a stage's keys use, sorted (empty for a stage without layers)."""
+    return sorted({layer for layer in (template_of(k)[1] for k in stage) if layer is not None})
+
+
+def _layer_offsets(ckpt: LoadedCheckpoint) -> tuple[list[int], int]:
+    """What to add to each stage's layer indices to number the layers globally; and the layer count.
+
+    Megatron numbers each stage's layers from 0; a stage whose indices instead start where the
+    previous stage ended is already numbered globally. Anything else is an error.
+    """
+    offsets, total = [], 0
+    for index, stage in enumerate(ckpt.stages):
+        layers = _stage_layers(stage[0])
+        if not layers:
+            offsets.append(0)
+            continue
+        if layers[0] == 0:
+            offsets.append(total)
+        elif layers[0] == total:
+            offsets.append(0)  # global numbering
+        else:
+            raise UserError(
+                f"{ckpt.files[index][0]}: this pipeline stage's layers start at index {layers[0]}, "
+                f"expected 0 (or {total}, after the {total} layers of the stages before it)"
+            )
+        total = offsets[-1] + layers[-1] + 1
+    return offsets, total
 
 
 def checkpoint_dims(ckpt: LoadedCheckpoint, num_attention_heads: int | None = None) -> Dims:
@@ -93,7 +118,7 @@ def checkpoint_dims(ckpt: LoadedCheckpoint, num_attention_heads: int | None = No
     vocab_rows = sum(int(t.shape[0]) for t in word_shards)
     hidden = int(arg(args, "hidden_size", word_shards[0].shape[1]))
 
-    counted = sum(_stage_layer_count(stage[0]) for stage in ckpt.stages)
+    _, counted = _layer_offsets(ckpt)
     layers = int(arg(args, "num_layers", counted))
     if layers != counted:
         raise UserError(
@@ -223,7 +248,7 @@ def plan_state(ckpt: LoadedCheckpoint, dims: Dims) -> tuple[dict[str, PendingTen
     made_by: dict[str, str] = {}
     output_weight: PendingTensor | None = None
     unknown: list[str] = []
-    offset = 0
+    offsets, _ = _layer_offsets(ckpt)
     for index, stage in enumerate(ckpt.stages):
         files = ckpt.files[index]
         reference = set(stage[0])
@@ -244,7 +269,7 @@ def plan_state(ckpt: LoadedCheckpoint, dims: Dims) -> tuple[dict[str, PendingTen
                 continue
             shards = [flat[key] for flat in stage]
             _check_shapes(rule, key, shards, files, dims)
-            layer = None if local_layer is None else offset + local_layer
+            layer = None if local_layer is None else offsets[index] + local_layer
             shape = _merged_shape(rule, dims)
             for target, make in zip(rule.targets, _makers(rule, shards, dims, ckpt.version)):
                 pending = PendingTensor(shape, value.dtype, make)
@@ -256,7 +281,6 @@ def plan_state(ckpt: LoadedCheckpoint, dims: Dims) -> tuple[dict[str, PendingTen
                     raise UserError(f"{ckpt.where}: both {made_by[name]} and {key} convert to {name}")
                 plan[name] = pending
                 made_by[name] = key
-        offset += _stage_layer_count(stage[0])
     if unknown:
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise UserError(

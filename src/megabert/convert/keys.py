@@ -14,8 +14,9 @@ Alias markers in the legacy templates cover the names Megatron-LM used over the 
   ``post_attention_layernorm``, ``final_layernorm`` (the names the HF converter knew) or the
   ``input_norm``/``post_attention_norm``/``final_norm`` of late legacy releases.
 
-The first alias is the one written by :func:`legacy_names` for checkpoint_version >= 3, the
-older one below 3 (NGC-era checkpoints).
+Reading accepts every spelling. Writing (:func:`legacy_names`) uses ``encoder`` and
+``self_attention`` for checkpoint_version >= 3, ``transformer`` and ``attention`` below (the
+NGC era), and always the ``*_layernorm`` names.
 """
 
 from __future__ import annotations

@@ -73,11 +73,14 @@ class MegatronObject:
     """
 
     megatron_name = "megatron.<unknown>"
+    # Class-level defaults: a pickle may build one without calling __init__ (NEWOBJ).
+    args: tuple = ()
+    kwargs: dict = {}
+    state: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args = args
         self.kwargs = kwargs
-        self.state: Any = None
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
@@ -153,7 +156,7 @@ _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def _describe_refusal(path: Path, exc: BaseException) -> str:
-    """One line: which global (or construct) the restricted unpickler refused."""
+    """One line: which global (or construct) the restricted unpickler refused, or why the pickle is unreadable."""
     text = str(exc)
     match = _GLOBAL_IN_MESSAGE.search(text)
     if match:
@@ -162,7 +165,10 @@ def _describe_refusal(path: Path, exc: BaseException) -> str:
             f"({_ALLOWED_SUMMARY}); the file may be malicious or not a Megatron checkpoint"
         )
     detail = next((line.strip() for line in reversed(text.splitlines()) if "WeightsUnpickler error" in line), "")
-    detail = detail.replace("WeightsUnpickler error:", "").strip() or text.strip().splitlines()[-1]
+    if not detail:  # not a refusal: a damaged or foreign pickle
+        last = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+        return f"{path} is not a readable PyTorch checkpoint ({last})"
+    detail = detail.replace("WeightsUnpickler error:", "").strip()
     return f"refusing to load {path}: {detail} ({_ALLOWED_SUMMARY})"
 
 
@@ -181,6 +187,8 @@ def safe_load(path: str | os.PathLike, mmap: bool | None = None) -> Any:
     if not is_zip:
         with open(path, "rb") as handle:
             head = handle.read(2)
+        if head == b"PK":
+            raise UserError(f"{path} is a damaged zip archive (truncated download?): it cannot be read")
         # A legacy torch.save file starts with a pickle (PROTO opcode 0x80, then protocol 2).
         if head[:1] != b"\x80":
             raise UserError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
