@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from test_finetune import MAX_LENGTH, write_conll, write_mrpc, write_squad, write_tiny_model
 
 from megabert.cli import main as cli_main
 from megabert.errors import UserError
 from megabert.train.finetune import DataOptions, FinetuneConfig, finetune
-
-from test_finetune import MAX_LENGTH, write_conll, write_mrpc, write_squad, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,7 @@ def test_tag_in_validation_not_in_training(tiny_model, tmp_path, capsys):
 
 
 def test_malformed_line_is_an_error_or_a_counted_skip(tiny_model, tmp_path, capsys, caplog):
-    good = "".join(f"the film is good\t1\nit was bad\t0\n" for _ in range(6))
+    good = "".join("the film is good\t1\nit was bad\t0\n" for _ in range(6))
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + good[:34] + "a\tb\tc\n" + good[34:])
     (tmp_path / "dev.tsv").write_text("sentence\tlabel\nthe film is good\t1\nit was bad\t0\n")
     rc, err, out = finetune_cli(capsys, tiny_model, "sequence-classification", tmp_path / "train.tsv",
@@ -143,6 +142,10 @@ def test_output_of_an_earlier_run_is_not_overwritten(tiny_model, tmp_path, capsy
     before = (tmp_path / "out" / "best" / "model.safetensors").read_bytes()
     rc, err, out = finetune_cli(capsys, *files, "--seed", "5")
     one_line_error(rc, err, "already holds a fine-tuning run", "--overwrite")
+    assert (tmp_path / "out" / "best" / "model.safetensors").read_bytes() == before
+    # --overwrite with a bad input fails before anything of the earlier run is removed.
+    rc, err, out = finetune_cli(capsys, *files[:3], tmp_path / "missing.tsv", files[4], "--overwrite")
+    one_line_error(rc, err, "missing.tsv: no such file")
     assert (tmp_path / "out" / "best" / "model.safetensors").read_bytes() == before
     rc, err, out = finetune_cli(capsys, *files, "--seed", "5", "--overwrite")
     assert rc == 0, err

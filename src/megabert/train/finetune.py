@@ -24,9 +24,9 @@ Output folder of :func:`finetune`::
     OUT/checkpoints/step-N/     the last training checkpoint (resume with ``resume="auto"``)
 
 Early stopping ends the run after ``early_stopping_patience`` evaluations without an
-improvement of more than ``early_stopping_threshold``. The trainer has no public "stop now"
-hook, so this module supplies one through :class:`~megabert.train.trainer.DistributedHooks`
-(``any_rank`` also reports the early-stopping request; single process only).
+improvement of more than ``early_stopping_threshold``, through ``Trainer.request_stop`` where
+the trainer has it; for a trainer without it, the single-process hooks here also answer
+``any_rank`` with the request.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import shutil
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -44,13 +43,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from megabert.config import MegatronBertConfig
 from megabert.data.features import Collator
 from megabert.data.tasks import canonical_task
 from megabert.errors import UserError
 from megabert.train.checkpoint import CHECKPOINTS_DIR, CheckpointConfig
 from megabert.train.finetune_data import (
-    QA,
     DataOptions,
     LabelScheme,
     Split,
@@ -71,6 +68,16 @@ from megabert.train.finetune_eval import (
     write_json,
     write_jsonl,
 )
+from megabert.train.finetune_model import (
+    FINETUNE_FILE,
+    build_model,
+    check_model_fits,
+    load_finetuned,
+    load_tokenizer,
+    read_finetune_info,
+    read_model_config,
+    task_of_folder,
+)
 from megabert.train.logging import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsConfig
 from megabert.train.optim import SCHEDULES, OptimizerConfig, ScheduleConfig
 from megabert.train.trainer import (
@@ -88,20 +95,12 @@ from megabert.utils import atomic_folder
 logger = logging.getLogger(__name__)
 
 BEST_DIR = "best"
-FINETUNE_FILE = "finetune.json"  # inside best/: how the model was fine-tuned (read by evaluate)
 RESULTS_FILE = "eval_results.json"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
 RUN_CONFIG_FILE = "run_config.json"
 # What a fine-tuning run writes into its output folder (removed by overwrite=True, nothing else).
 _RUN_OUTPUTS = (BEST_DIR, RESULTS_FILE, PREDICTIONS_FILE, RUN_CONFIG_FILE, METRICS_FILE, CURVES_FILE,
                 TENSORBOARD_DIR, CHECKPOINTS_DIR)
-# The weights a task head adds on top of the encoder.
-HEAD_PREFIXES = {
-    "sequence-classification": "classifier.",
-    "token-classification": "classifier.",
-    "multiple-choice": "classifier.",
-    "question-answering": "qa_outputs.",
-}
 
 
 # ---------------------------------------------------------------------------------- config
@@ -201,140 +200,6 @@ class EvaluationResult:
     skipped: list[str] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------------- model
-def load_tokenizer(path: str | os.PathLike) -> Any:
-    """The tokenizer of a model folder (or a tokenizer folder / vocab.txt)."""
-    from megabert.tokenization import MegatronBertTokenizer
-
-    try:
-        return MegatronBertTokenizer.from_pretrained(path)
-    except FileNotFoundError as exc:
-        raise UserError(f"{exc}; pass --tokenizer DIR if the model folder has no tokenizer files") from None
-
-
-def read_model_config(model_dir: str | os.PathLike) -> MegatronBertConfig:
-    """The config.json of a model folder, with a one-line error when there is none."""
-    folder = Path(model_dir)
-    if not folder.is_dir():
-        raise UserError(f"model folder {folder} does not exist" if not folder.exists() else f"{folder} is not a folder")
-    try:
-        return MegatronBertConfig.from_pretrained(folder)
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        raise UserError(f"{folder}: {exc}") from None
-
-
-def check_model_fits(config: MegatronBertConfig, tokenizer: Any, max_length: int, source: str) -> None:
-    """Raise UserError when the tokenizer's ids or ``max_length`` exceed what the model has."""
-    if len(tokenizer) > config.vocab_size:
-        raise UserError(
-            f"the tokenizer has {len(tokenizer)} ids but {source} has vocab_size {config.vocab_size}: "
-            "use the tokenizer the model was trained with"
-        )
-    if max_length > config.max_position_embeddings:
-        raise UserError(
-            f"max length {max_length} is above the model's max_position_embeddings "
-            f"({config.max_position_embeddings}, {source}): lower --max-length"
-        )
-
-
-def build_model(
-    task: str, model_dir: str | os.PathLike, scheme: LabelScheme, *, random_init: bool = False
-) -> nn.Module:
-    """``MegatronBertFor<Task>`` with the scheme's labels, from a model folder, training unpadded.
-
-    The encoder weights come from the folder (any head it has that is not this task's is left
-    out). The folder's own head is kept when it is this task's head with the same labels
-    (fine-tuning again); otherwise the head starts fresh. ``random_init`` takes only the config.
-    """
-    from megabert.modeling.heads import model_class_for
-    from megabert.modeling.pretrained import read_state_dict
-
-    task = canonical_task(task)
-    folder = Path(model_dir)
-    old = read_model_config(folder)
-    config = old.copy(**scheme.config_overrides(), unpad_inputs=True)
-    model = model_class_for(task)(config)
-    if random_init:
-        return model
-    state = read_state_dict(folder)
-    # Encoder weights are stored with the "bert." prefix of a head model, or bare by a base model.
-    stored = {k[len("bert."):] if k.startswith("bert.") else k for k in state}
-    missing = sorted(k for k in model.bert.state_dict() if k not in stored)
-    with warnings.catch_warnings():
-        # Unused pretraining heads are expected here; missing weights are reported below instead.
-        warnings.simplefilter("ignore")
-        model.bert.load_checkpoint_state(state, source=str(folder))
-    fresh_pooler = [k for k in missing if k.startswith("pooler.")]
-    missing = [k for k in missing if not k.startswith("pooler.")]
-    if missing:
-        logger.warning("%s lacks %d encoder weights, which start random: %s", folder, len(missing),
-                       ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
-    if fresh_pooler:
-        logger.info("%s has no pooler weights: the pooler starts random", folder)
-    prefix = HEAD_PREFIXES[task]
-    own = model.state_dict()
-    head = {k: v for k, v in state.items() if k.startswith(prefix)}
-    same_labels = task in (QA, "multiple-choice") or (
-        old.id2label == config.id2label and old.problem_type in (None, config.problem_type)
-    )
-    wanted = [k for k in own if k.startswith(prefix)]
-    if same_labels and wanted and all(k in head and tuple(head[k].shape) == tuple(own[k].shape) for k in wanted):
-        model.load_state_dict({k: head[k] for k in wanted}, strict=False)
-        logger.info("%s: kept its %s head", folder, task)
-    return model
-
-
-def _task_of_folder(folder: Path, config: MegatronBertConfig) -> str | None:
-    """The task a fine-tuned folder was trained for: from finetune.json, else its architecture."""
-    from megabert.modeling.heads import MODEL_CLASSES
-
-    info = _read_finetune_info(folder)
-    if info.get("task"):
-        return str(info["task"])
-    by_class = {cls.__name__: name for name, cls in MODEL_CLASSES.items()}
-    for name in config.architectures or []:
-        task = by_class.get(name)
-        if task in HEAD_PREFIXES:
-            return task
-    return None
-
-
-def _read_finetune_info(folder: Path) -> dict[str, Any]:
-    path = folder / FINETUNE_FILE
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: unreadable ({exc})") from None
-    return info if isinstance(info, dict) else {}
-
-
-def load_finetuned(task: str, model_dir: str | os.PathLike, *, device: torch.device | None = None) -> nn.Module:
-    """A fine-tuned ``MegatronBertFor<Task>`` in eval mode, unpadded; an error if it lacks the task's head."""
-    from megabert.modeling.heads import model_class_for
-    from megabert.modeling.pretrained import read_state_dict
-
-    task = canonical_task(task)
-    folder = Path(model_dir)
-    config = read_model_config(folder).copy(unpad_inputs=True)
-    cls = model_class_for(task)
-    if config.architectures and cls.__name__ not in config.architectures:
-        raise UserError(
-            f"{folder} holds a {', '.join(config.architectures)}, not a {cls.__name__}: "
-            f"evaluate it with its own task, or fine-tune it for {task} first"
-        )
-    state = read_state_dict(folder)
-    prefix = HEAD_PREFIXES[task]
-    if not any(k.startswith(prefix) for k in state):
-        raise UserError(f"{folder} has no trained {task} head (no {prefix}* weights): fine-tune it first")
-    model = cls(config)
-    model.load_checkpoint_state(state, source=str(folder))
-    if device is not None:
-        model = model.to(device)
-    return model.eval()
-
-
 # -------------------------------------------------------------------- best model + stopping
 class BestModelKeeper(TrainerCallback):
     """Keeps ``OUT/best`` (and its results and predictions) at the best validation metric so far.
@@ -398,6 +263,9 @@ class BestModelKeeper(TrainerCallback):
             self.bad_evaluations += 1
             if self.patience is not None and self.bad_evaluations >= self.patience:
                 self.stop_requested = True
+                request_stop = getattr(trainer, "request_stop", None)  # newer trainers have the hook
+                if request_stop is not None:
+                    request_stop("early stopping")
         if trainer.hooks.is_main:
             self.write_results()
 
@@ -453,8 +321,9 @@ class BestModelKeeper(TrainerCallback):
 class _EarlyStoppingHooks(DistributedHooks):
     """Single-process hooks whose ``any_rank`` also carries the early-stopping request.
 
-    The trainer asks ``any_rank(signal or time limit)`` after every step (after its
-    evaluation); answering True ends the loop there, with a checkpoint.
+    The trainer asks ``any_rank(stop?)`` after every step (after its evaluation); answering
+    True ends the loop there, with a checkpoint. Only needed by a trainer without
+    ``request_stop`` (which then reports the stop as SIGTERM; :func:`finetune` renames it).
     """
 
     def __init__(self, keeper: BestModelKeeper) -> None:
@@ -465,20 +334,24 @@ class _EarlyStoppingHooks(DistributedHooks):
 
 
 # ---------------------------------------------------------------------------------- finetune
-def _prepare_output(output: Path, config: FinetuneConfig) -> None:
+def _existing_outputs(output: Path, config: FinetuneConfig) -> list[str]:
+    """The outputs of an earlier run in ``output`` that this run would replace (an error unless allowed)."""
     existing = [name for name in _RUN_OUTPUTS if (output / name).exists()]
-    if not existing or config.resume is not None:
-        return
-    if not config.overwrite:
+    if existing and config.resume is None and not config.overwrite:
         raise UserError(
             f"{output} already holds a fine-tuning run ({', '.join(existing)}): choose another output folder, "
             "pass --resume auto to continue it, or --overwrite to replace it"
         )
-    for name in existing:
+    return existing if config.resume is None else []
+
+
+def _remove_outputs(output: Path, names: list[str]) -> None:
+    """Remove an earlier run's outputs (``overwrite``): only the files and folders a run writes."""
+    for name in names:
         target = output / name
         if target.is_dir():
             shutil.rmtree(target)
-        else:
+        elif target.exists():
             target.unlink()
 
 
@@ -524,7 +397,8 @@ def finetune(
     data = data.fitted(base_config.max_position_embeddings)
     tok = load_tokenizer(tokenizer if tokenizer is not None else model_dir)
     check_model_fits(base_config, tok, data.length, str(model_dir))
-    _prepare_output(output_dir, config)
+    resolve_device(config.device)
+    replaced = _existing_outputs(output_dir, config)  # checked now, removed once the inputs are known good
 
     train_split = read_split(task, train, data, limit=config.max_train_examples, seed=config.seed)
     valid_split = read_split(task, validation, data, limit=config.max_eval_examples, seed=config.seed + 1)
@@ -564,6 +438,7 @@ def finetune(
         "data": {"train": _split_info(train_split, train_features),
                  "validation": _split_info(valid_split, valid_features)},
     }
+    _remove_outputs(output_dir, replaced)
     keeper = BestModelKeeper(output_dir, metric, evaluator, tok.save_pretrained, info,
                              patience=config.early_stopping_patience, threshold=config.early_stopping_threshold)
     trainer = Trainer(
@@ -601,7 +476,7 @@ def finetune(
         result = trainer.train()
     finally:
         trainer.close()
-    # An early stop reaches the trainer as a stop request from any_rank, which it reports as SIGTERM.
+    # Without Trainer.request_stop an early stop reaches the loop through any_rank, reported as SIGTERM.
     keeper.stop_reason = "early stopping" if keeper.stop_requested else result.stop_reason
     results_file = keeper.write_results()
     return FinetuneResult(
@@ -623,7 +498,7 @@ def finetune(
 # ---------------------------------------------------------------------------------- evaluate
 def saved_data_options(model_dir: str | os.PathLike) -> DataOptions:
     """The data options a folder was fine-tuned with (``best/finetune.json``), else the defaults."""
-    info = _read_finetune_info(Path(model_dir))
+    info = read_finetune_info(Path(model_dir))
     values = info.get("data_options")
     return DataOptions.from_dict(values) if isinstance(values, dict) else DataOptions()
 
@@ -653,7 +528,7 @@ def evaluate(
     folder = Path(model)
     config = read_model_config(folder)
     if task is None:
-        task = _task_of_folder(folder, config)
+        task = task_of_folder(folder, config)
         if task is None:
             raise UserError(f"{folder}: cannot tell which task the model is for; pass --task")
     task = canonical_task(task)
@@ -671,7 +546,7 @@ def evaluate(
     if labeled:
         check_split_labels(split.examples, scheme)
     features = encode_split(task, split.examples, tok, data, scheme, labeled=labeled, progress=progress)
-    info = _read_finetune_info(folder)
+    info = read_finetune_info(folder)
     version_2 = data.version_2 if data.version_2 is not None else bool(info.get("version_2")) or is_version_2(split)
     autocast = torch.autocast(device_type=target.type, dtype=torch.bfloat16) if bf16 else None
     outputs = run_model(net, features, pad_token_id=tok.pad_token_id, batch_size=batch_size, autocast=autocast,
