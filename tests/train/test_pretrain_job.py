@@ -23,6 +23,7 @@ from megabert.train.pretrain import (
     MODEL_PRESETS,
     PretrainDataConfig,
     build_model_config,
+    evaluate_model,
     padded_vocab_size,
     run_pretraining,
 )
@@ -69,6 +70,9 @@ def test_final_model_loads_in_megabert_and_transformers(tmp_path, tiny_corpus, t
     assert [r["step"] for r in valid] == [2, 4]
     assert {"mlm_loss", "mlm_accuracy", "nsp_accuracy"} <= set(valid[0])
     assert result.eval_results["mlm_loss"] == pytest.approx(valid[-1]["mlm_loss"])
+    # Evaluating the saved model afterwards gives the job's final numbers (same samples, same masks).
+    again = evaluate_model(final, tiny_corpus["valid"], seq_length=32, batch_size=4, max_batches=50, device="cpu")
+    assert again == pytest.approx(result.eval_results, rel=1e-6)
     run_config = json.loads((tmp_path / "out" / "run_config.json").read_text())
     assert run_config["PretrainDataConfig"]["seq_length"] == 32 and run_config["TrainerConfig"]["max_steps"] == 4
 

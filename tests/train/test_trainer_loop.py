@@ -14,6 +14,7 @@ from trainkit import SyntheticPretrainingData, tiny_config
 from megabert import MegatronBertForPreTraining
 from megabert.errors import UserError
 from megabert.data.pretraining import collate_pretraining
+from megabert.train import checkpoint as ckpt
 from megabert.train.logging import MetricsConfig, read_metrics
 from megabert.train.optim import OptimizerConfig, ScheduleConfig, learning_rates
 from megabert.train.pretrain import PretrainingObjective
@@ -238,3 +239,126 @@ def test_step_output_metrics_are_averaged_over_micro_batches(tmp_path):
     assert [r["m"] for r in records] == [2.0, 6.0]
     assert trainer.state.tokens == 40
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["tokens"] == 20
+
+
+# ------------------------------------------------------------------------------ metrics files
+def test_metrics_file_survives_a_torn_line_and_truncates_on_resume(tmp_path):
+    from megabert.train.logging import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, QUIET)
+    for step in (1, 2, 3):
+        logger.log(step, "train", {"loss": float(step), "acc": torch.tensor(0.5), "bad": float("inf")})
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 4, "split": "tr')  # a kill in the middle of a write
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0] == {"step": 1, "split": "train", "loss": 1.0, "acc": 0.5, "bad": None}
+    logger.truncate_after(2)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_curves_png_or_a_one_line_note(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from megabert.train.logging import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, QUIET)
+    for step in (1, 2):
+        logger.log(step, "train", {"loss": 3.0 - step, "lr": 1e-3, "mlm_accuracy": 0.1 * step})
+    logger.log(2, "valid", {"loss": 2.5})
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with caplog.at_level("WARNING"):
+        assert logger.plot() is None
+        assert logger.plot() is None
+    notes = [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()]
+    assert notes == ["matplotlib is not installed: no curves.png (pip install 'megabert[plot]')"]  # said once
+    monkeypatch.delitem(sys.modules, "matplotlib")
+    pytest.importorskip("matplotlib")
+    path = logger.plot()
+    assert path == tmp_path / "curves.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------- extension points
+def test_request_stop_from_a_callback(tmp_path):
+    from megabert.train.trainer import TrainerCallback
+
+    class EarlyStop(TrainerCallback):
+        def on_evaluate(self, trainer, step, results):
+            if step == 2:
+                trainer.request_stop("early stopping")
+
+    evaluations = []
+    trainer = Trainer(small_net(), regression_batches(4, 2), TrainerConfig(tmp_path, max_steps=10, eval_every=2, device="cpu"),
+                      loss_fn=mse, metrics=QUIET, eval_fn=lambda m: evaluations.append(1) or {"loss": 0.0},
+                      callbacks=[EarlyStop()])
+    result = trainer.train()
+    assert (result.step, result.stop_reason, result.interrupted) == (2, "early stopping", False)
+    assert len(evaluations) == 1  # the evaluation at step 2 is not repeated at the end
+    assert result.last_checkpoint.name == "step-00000002"
+
+
+class RecordingHooks:
+    """DistributedHooks that record every call (as a second data-parallel rank would see them)."""
+
+    def __new__(cls, rank: int = 0):
+        from megabert.train.trainer import DistributedHooks
+
+        class Hooks(DistributedHooks):
+            def __init__(self) -> None:
+                self.rank, self.world_size, self.calls = rank, 2, []
+
+            def wrap(self, module):
+                self.calls.append("wrap")
+                return module
+
+            def no_sync(self, wrapped):
+                self.calls.append("no_sync")
+                return super().no_sync(wrapped)
+
+            def clip_grad_norm(self, parameters, max_norm):
+                self.calls.append(("clip", max_norm))
+                return super().clip_grad_norm(parameters, max_norm)
+
+            def all_reduce(self, values, op="mean"):
+                self.calls.append(("all_reduce", op))
+                return values
+
+            def any_rank(self, flag):
+                self.calls.append("any_rank")
+                return flag
+
+            def gather_object(self, obj):
+                self.calls.append("gather")
+                return [obj, obj]
+
+            def save_checkpoint(self, trainer):
+                self.calls.append("save")
+                return super().save_checkpoint(trainer)
+
+            def load_checkpoint(self, trainer, folder):
+                self.calls.append("load")
+                super().load_checkpoint(trainer, folder)
+
+        return Hooks()
+
+
+def test_distributed_hooks_are_called_where_documented(tmp_path):
+    hooks = RecordingHooks()
+    config = TrainerConfig(tmp_path, max_steps=2, grad_accum=3, clip_grad=0.5, device="cpu")
+    Trainer(small_net(), regression_batches(6, 2), config, loss_fn=mse, metrics=QUIET, distributed=hooks).train()
+    per_step = ["no_sync", "no_sync", ("clip", 0.5), ("all_reduce", "sum"), ("all_reduce", "mean"), "any_rank"]
+    assert hooks.calls == ["wrap"] + per_step * 2 + ["save", "gather"]
+    # The checkpoint holds both ranks' RNG states; a resume goes through load_checkpoint.
+    assert len(ckpt.load_state(tmp_path / "checkpoints" / "step-00000002")["rng"]) == 2
+    resumed_hooks = RecordingHooks()
+    config = TrainerConfig(tmp_path, max_steps=3, grad_accum=3, clip_grad=0.5, device="cpu")
+    trainer = Trainer(small_net(), regression_batches(6, 2), config, loss_fn=mse, metrics=QUIET, distributed=resumed_hooks,
+                      checkpoints=ckpt.CheckpointConfig(resume="auto"))
+    assert resumed_hooks.calls[:2] == ["load", "wrap"] and trainer.state.step == 2
+
+
+def test_non_main_rank_writes_nothing(tmp_path):
+    hooks = RecordingHooks(rank=1)
+    result = Trainer(small_net(), regression_batches(2, 2), TrainerConfig(tmp_path, max_steps=2, device="cpu"),
+                     loss_fn=mse, metrics=QUIET, distributed=hooks).train()
+    assert result.last_checkpoint is None and list(tmp_path.iterdir()) == []

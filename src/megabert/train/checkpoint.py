@@ -51,6 +51,7 @@ class CheckpointConfig:
     keep_last: int = 3  # how many checkpoints to keep (older ones are deleted)
     resume: str | None = None  # a checkpoint folder, an output folder, or "auto" (latest in OUT)
     save_on_signal: bool = True  # SIGINT/SIGTERM: finish the step, checkpoint, stop
+    save_at_end: bool = True  # a checkpoint when max_steps / the time limit is reached
 
     def validate(self) -> None:
         if self.save_every < 0:

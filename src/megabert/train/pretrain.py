@@ -396,11 +396,15 @@ def run_pretraining(
         trainer.close()
 
     final_dir = None
-    if hooks.is_main and not result.interrupted:
-        final_dir = output_dir / FINAL_DIR
-        with atomic_folder(final_dir, overwrite=True) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+    if not result.interrupted:
+        # Every rank enters full_weights (a sharded model gathers its weights there); one writes.
+        with hooks.full_weights(model) as whole:
+            if hooks.is_main:
+                final_dir = output_dir / FINAL_DIR
+                with atomic_folder(final_dir, overwrite=True) as tmp:
+                    whole.save_pretrained(tmp)
+                    tokenizer.save_pretrained(tmp)
+        hooks.barrier()
     curves = output_dir / CURVES_FILE
     return PretrainResult(
         output_dir=output_dir,
@@ -410,6 +414,52 @@ def run_pretraining(
         train=result,
         eval_results=result.eval_results,
     )
+
+
+def evaluate_model(
+    model_dir: str | os.PathLike,
+    valid_data: str | os.PathLike,
+    *,
+    seq_length: int = 128,
+    batch_size: int = 32,
+    binary_task: str | None = "nsp",
+    max_batches: int = 100,
+    masked_lm_prob: float = 0.15,
+    seed: int = 1235,
+    precision: str = "fp32",
+    device: str = "auto",
+) -> dict[str, float]:
+    """MLM loss / accuracy and NSP/SOP accuracy of a saved model (e.g. ``OUT/final``) on an indexed dataset.
+
+    The model folder must hold the tokenizer too (``OUT/final`` does). Samples and masking are
+    fixed by ``seed``, so two models evaluated with the same arguments see the same tokens
+    (the default seed is the one the pretraining job's validation uses for ``--seed 1234``).
+    """
+    from megabert.data.pretraining import PretrainingCollator, PretrainingDataset
+    from megabert.modeling.heads import MegatronBertForPreTraining
+    from megabert.train.trainer import resolve_device
+
+    tokenizer = load_tokenizer(model_dir)
+    config = MegatronBertConfig.from_pretrained(model_dir)
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"{model_dir}: the tokenizer has {len(tokenizer)} ids, the model only {config.vocab_size}")
+    if seq_length > config.max_position_embeddings:
+        raise UserError(f"seq length {seq_length} is above the model's max_position_embeddings ({config.max_position_embeddings})")
+    check_data_vocab(valid_data, len(tokenizer), "valid data")
+    has_head = binary_task is not None
+    model = MegatronBertForPreTraining.from_pretrained(model_dir, unpad_inputs=True)
+    if has_head and not hasattr(model.cls, "seq_relationship"):
+        binary_task = None
+    target = resolve_device(device)
+    model.to(target).eval()
+    dataset = PretrainingDataset(
+        valid_data, tokenizer, seq_length, binary_task=binary_task, masking=_masking(masked_lm_prob), seed=seed
+    )
+    loader = ResumableLoader(dataset, max(1, min(batch_size, len(dataset))), PretrainingCollator(tokenizer.pad_token_id), shuffle=False)
+    evaluator = PretrainingEvaluator(lambda: loader.batches(0), binary_task, min(max_batches, loader.batches_per_epoch))
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    with torch.no_grad(), torch.autocast(target.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return evaluator(model)
 
 
 def _write_run_config(output_dir: Path, model_spec: Any, tokenizer_path: Any, model_config: MegatronBertConfig,

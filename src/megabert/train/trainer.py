@@ -119,7 +119,7 @@ class TrainResult:
     """What :meth:`Trainer.train` did."""
 
     step: int
-    stop_reason: str  # "max_steps" | "time limit" | "SIGINT" | "SIGTERM"
+    stop_reason: str  # "max_steps" | "time limit" | "SIGINT" | "SIGTERM" | a request_stop() reason
     losses: list[float]  # loss of each step run in this call
     last_checkpoint: Path | None
     eval_results: dict[str, float] = field(default_factory=dict)
@@ -375,6 +375,22 @@ class DistributedHooks:
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         optimizer.load_state_dict(state)
 
+    def save_checkpoint(self, trainer: "Trainer") -> Path | None:
+        """Write a checkpoint of ``trainer`` (called on every rank); returns its folder on the main rank.
+
+        The default is :meth:`Trainer.write_checkpoint` (the main rank writes everything). A
+        sharded model (tensor parallel, FSDP) overrides this so that every rank writes its part.
+        """
+        return trainer.write_checkpoint()
+
+    def load_checkpoint(self, trainer: "Trainer", folder: Path) -> None:
+        """Restore ``trainer`` from ``folder`` (every rank). Default: :meth:`Trainer.read_checkpoint`."""
+        trainer.read_checkpoint(folder)
+
+    def full_weights(self, model: nn.Module) -> ContextManager:
+        """Context in which ``model`` holds whole (unsharded) weights, e.g. to save it; every rank enters it."""
+        return contextlib.nullcontext(model)
+
 
 class TrainerCallback:
     """Override any of these to follow a run (all are called on every rank)."""
@@ -508,6 +524,9 @@ class Trainer:
         resume = ckpt.resolve_resume(self.checkpoint_config.resume, self.output_dir)
         if resume is not None:
             self.load_checkpoint(resume)
+            self.resumed_from = resume
+            if self.logger is not None:
+                self.logger.truncate_after(self.state.step)  # records past the checkpoint are redone
         else:
             existing = ckpt.latest_checkpoint(self.checkpoint_dir)
             if existing is not None:
@@ -519,8 +538,17 @@ class Trainer:
                 self.logger.truncate_after(0)  # records of an earlier attempt that never checkpointed
         self.loss_module = self.hooks.wrap(LossModule(self.model, loss_fn or model_loss))
         self._stop_signal: int | None = None
+        self._stop_request: str | None = None
 
     # ------------------------------------------------------------------ helpers
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Ask the loop to stop after the current step (e.g. early stopping, from a callback).
+
+        The run ends as at ``max_steps`` (a checkpoint is written) and :meth:`train` returns
+        ``stop_reason=reason``. Under torch.distributed, a request on any rank stops all ranks.
+        """
+        self._stop_request = reason
+
     def autocast(self) -> ContextManager:
         """The precision context the forward passes (training and evaluation) run under."""
         if self.config.precision == "fp32":
@@ -533,14 +561,16 @@ class Trainer:
         """The learning rate of the next update (the first group's)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def _model_config(self) -> dict[str, Any] | None:
+    def model_config_record(self) -> dict[str, Any] | None:
+        """The model config as a checkpoint records it (what a resume must match), or None."""
         config = getattr(self.model, "config", None)
         if config is None or not hasattr(config, "to_dict"):
             return None
         values = {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_CONFIG_KEYS}
         return json.loads(json.dumps(values, default=str))  # the form it has after a JSON round trip
 
-    def _signature(self) -> dict[str, Any]:
+    def signature(self) -> dict[str, Any]:
+        """The run settings a resume must not change (grad_accum, world size, seed + run_signature)."""
         base = {
             "grad_accum": self.config.grad_accum,
             "world_size": self.hooks.world_size,
@@ -549,9 +579,20 @@ class Trainer:
         base.update(self.run_signature)
         return json.loads(json.dumps(base, default=str))
 
+    # The names megabert.train.distributed_checkpoint first used.
+    _model_config = model_config_record
+    _signature = signature
+
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint of the current step (main rank); returns its folder there."""
+        """Checkpoint the current step through ``distributed.save_checkpoint``; returns the folder (main rank)."""
+        folder = self.hooks.save_checkpoint(self)
+        for callback in self.callbacks:
+            callback.on_save(self, folder)
+        return folder
+
+    def write_checkpoint(self) -> Path | None:
+        """The standard checkpoint (see megabert.train.checkpoint): the main rank writes it, all ranks wait."""
         rng_states = self.hooks.gather_object(ckpt.capture_rng_state())
         state = {
             "optimizer": self.hooks.optimizer_state_dict(self.optimizer),
@@ -573,23 +614,25 @@ class Trainer:
                 "tokens": self.state.tokens,
                 "train_seconds": self.state.train_seconds,
                 "precision": self.config.precision,
-                "model_config": self._model_config(),
-                "signature": self._signature(),
+                "model_config": self.model_config_record(),
+                "signature": self.signature(),
             }
             folder = ckpt.save_checkpoint(
                 self.checkpoint_dir, self.state.step, self.model, state, info, self.save_extras
             )
             ckpt.prune_checkpoints(self.checkpoint_dir, self.checkpoint_config.keep_last)
         self.hooks.barrier()
-        for callback in self.callbacks:
-            callback.on_save(self, folder)
         return folder
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
-        """Restore weights, optimizer, scheduler, scaler, RNG and data position from ``folder``."""
+        """Restore the run from ``folder`` through ``distributed.load_checkpoint``."""
+        self.hooks.load_checkpoint(self, Path(folder))
+
+    def read_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Restore weights, optimizer, scheduler, scaler, RNG and data position from a standard checkpoint."""
         folder = Path(folder)
         info = ckpt.read_info(folder)
-        ckpt.check_compatible(folder, info, self._model_config(), self._signature())
+        ckpt.check_compatible(folder, info, self.model_config_record(), self.signature())
         ckpt.load_model_weights(self.model, folder / ckpt.MODEL_DIR)
         state = ckpt.load_state(folder)
         self.hooks.load_optimizer_state_dict(self.optimizer, state["optimizer"])
@@ -606,9 +649,6 @@ class Trainer:
             tokens=int(position["tokens"]),
             train_seconds=float(info.get("train_seconds", 0.0)),
         )
-        if self.logger is not None:
-            self.logger.truncate_after(self.state.step)
-        self.resumed_from = folder
 
     # --------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
@@ -767,19 +807,26 @@ class Trainer:
                     bar.update(1)
 
                     timed_out = config.max_seconds is not None and self.state.train_seconds >= config.max_seconds
-                    signalled = self.hooks.any_rank(self._stop_signal is not None)
-                    if signalled or timed_out:
-                        if signalled:
-                            stop_reason = signal.Signals(self._stop_signal).name if self._stop_signal else "SIGTERM"
-                        else:
+                    local = self._stop_signal is not None or self._stop_request is not None or timed_out
+                    # One collective for every reason, so that all ranks leave the loop at the same step.
+                    if self.hooks.any_rank(local) and self.state.step < config.max_steps:
+                        if self._stop_signal is not None:
+                            stop_reason = signal.Signals(self._stop_signal).name
+                        elif self._stop_request is not None:
+                            stop_reason = self._stop_request
+                        elif timed_out:
                             stop_reason = "time limit"
+                        else:
+                            stop_reason = "SIGTERM"  # another rank was signalled
                         break
         finally:
             bar.close()
 
-        if stop_reason in ("max_steps", "time limit") and config.eval_at_end and evaluated_at != self.state.step:
+        stopped_by_signal = stop_reason in ("SIGINT", "SIGTERM")
+        if not stopped_by_signal and config.eval_at_end and evaluated_at != self.state.step:
             eval_results = self.evaluate()
-        if saved_at != self.state.step:
+        wanted = True if stopped_by_signal else self.checkpoint_config.save_at_end
+        if saved_at != self.state.step and wanted:
             # The end of a run, a time limit and a signal all leave a checkpoint to resume from.
             last_checkpoint = self.save_checkpoint()
         if self.logger is not None and self.metrics_config.plot:
