@@ -130,14 +130,47 @@ def _fill_mask_with_pipeline(model_dir: Path, text: str) -> list[tuple[str, floa
         from megabert.inference.pipelines import pipeline
     except ImportError:
         return None
-    try:
-        results = pipeline("fill-mask", model=str(model_dir))(text, top_k=5)
-    except Exception:  # noqa: BLE001 - the demo falls back to its own few lines
-        return None
+    results = pipeline("fill-mask", model=str(model_dir))(text, top_k=5)
     return [(r["token_str"], float(r["score"])) for r in results]
 
 
 # ------------------------------------------------------------------------------------- run
+def calibrate_steps(config: Any, batch_size: int, seq_length: int, budget_s: float, limits: tuple[int, int] = (30, 3000)) -> int:
+    """How many training steps of this model fit in ``budget_s`` seconds on this machine.
+
+    Times a few optimizer steps on a random batch of the demo's shape, so that the learning-rate
+    schedule can run its full course (warmup, decay) within the time budget. The trainer's time
+    limit still stops a run that runs late (a machine busier than while it was measured).
+    """
+    import torch
+
+    from megabert.modeling.heads import MegatronBertForPreTraining
+    from megabert.train.optim import OptimizerConfig, build_optimizer
+    from megabert.train.pretrain import PretrainingObjective
+
+    generator = torch.Generator().manual_seed(0)
+    model = MegatronBertForPreTraining(config)
+    optimizer = build_optimizer(model, OptimizerConfig())
+    ids = torch.randint(5, config.vocab_size, (batch_size, seq_length), generator=generator)  # (B, T)
+    labels = torch.where(torch.rand(batch_size, seq_length, generator=generator) < 0.15, ids, -100)
+    batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids),
+             "labels": labels, "next_sentence_label": torch.zeros(batch_size, dtype=torch.long)}
+    objective = PretrainingObjective("nsp")
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        objective(model, batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    # The fastest step says what the machine can do (the first pays one-time costs; others may
+    # have waited for another process). If the machine is busier during training, the time limit
+    # ends the run early instead.
+    step_s = min(times[1:])
+    # ~15% for data loading, logging and evaluations.
+    return int(min(max(budget_s / (step_s * 1.15), limits[0]), limits[1]))
+
+
 def _prepare_output(output: Path) -> None:
     if output.exists():
         if not (output / MARKER).is_file():
@@ -154,7 +187,7 @@ def run_demo(
     *,
     model_config: str = "tiny",
     vocab_size: int = 4000,
-    max_steps: int = 300,
+    max_steps: int | None = None,
     max_minutes: float = 4.0,
     batch_size: int = 16,
     seq_length: int = 64,
@@ -168,6 +201,7 @@ def run_demo(
     from megabert.data.preprocess import preprocess_corpus
     from megabert.modeling.heads import MegatronBertForPreTraining
     from megabert.tokenization import MegatronBertTokenizer, train_tokenizer
+    from megabert.train.pretrain import build_model_config
     from megabert.train.checkpoint import CheckpointConfig
     from megabert.train.logging import MetricsConfig
     from megabert.train.optim import OptimizerConfig, ScheduleConfig
@@ -189,7 +223,10 @@ def run_demo(
         valid_fraction=0.05, seed=seed, progress=progress,
     )
     say(textwrap.indent(summary.format(), "     "))
-    say(f"4/4  pretraining the {model_config} model (MLM + NSP) for up to {max_steps} steps / {max_minutes:g} minutes")
+    if max_steps is None:
+        shape = build_model_config(model_config, len(MegatronBertTokenizer.from_pretrained(output / "tokenizer")), seq_length)
+        max_steps = calibrate_steps(shape, batch_size, seq_length, max_minutes * 60)
+    say(f"4/4  pretraining the {model_config} model (MLM + NSP): {max_steps} steps (at most {max_minutes:g} minutes)")
     result = run_pretraining(
         model_config,
         output / "tokenizer",
@@ -254,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Pretrain a tiny MegatronBERT on the Python language reference and show its predictions.",
     )
     parser.add_argument("--output", default="demo-output", help="output folder (default demo-output/)")
-    parser.add_argument("--max-steps", type=int, default=300, help="training steps (default 300)")
+    parser.add_argument("--max-steps", type=int, help="training steps (default: as many as fit in --max-minutes)")
     parser.add_argument("--max-minutes", type=float, default=4.0, help="training time limit (default 4)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-length", type=int, default=64)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,7 +16,6 @@ from megabert.data.indexed import write_indexed_dataset
 from megabert.data.pretraining import PretrainingDataset, collate_pretraining
 from megabert.errors import UserError
 from megabert.tokenization import MegatronBertTokenizer
-from megabert.train.checkpoint import CheckpointConfig
 from megabert.train.logging import MetricsConfig, read_metrics
 from megabert.train.pretrain import (
     MODEL_PRESETS,

@@ -10,7 +10,7 @@ import torch
 
 from trainkit import tiny_config
 from megabert import MegatronBertForPreTraining
-from megabert.demo import FILL_MASK_TEXTS, fill_mask, next_sentence_probability, reference_documents, run_demo
+from megabert.demo import FILL_MASK_TEXTS, calibrate_steps, fill_mask, next_sentence_probability, reference_documents, run_demo
 from megabert.tokenization import MegatronBertTokenizer
 
 
@@ -61,6 +61,12 @@ def test_demo_at_toy_size(tmp_path):
     with pytest.raises(UserError, match="exists and was not written by the demo; choose another --output"):
         run_demo(foreign, progress=False)
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_calibrated_steps_stay_within_limits():
+    config = tiny_config(vocab_size=256, max_position_embeddings=64)
+    assert calibrate_steps(config, 2, 16, budget_s=0.0) == 30  # at least a few steps
+    assert calibrate_steps(config, 2, 16, budget_s=1e9) == 3000  # at most this many
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ Output folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -457,8 +458,13 @@ def evaluate_model(
     )
     loader = ResumableLoader(dataset, max(1, min(batch_size, len(dataset))), PretrainingCollator(tokenizer.pad_token_id), shuffle=False)
     evaluator = PretrainingEvaluator(lambda: loader.batches(0), binary_task, min(max_batches, loader.batches_per_epoch))
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    with torch.no_grad(), torch.autocast(target.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    autocast = (
+        contextlib.nullcontext() if precision == "fp32"
+        else torch.autocast(target.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    )
+    with torch.no_grad(), autocast:
         return evaluator(model)
 
 
