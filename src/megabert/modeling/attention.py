@@ -36,7 +36,23 @@ class AttentionPlan:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
     batch: int = 0
-    grid_index: torch.Tensor | None = None
+    grid_rows: torch.Tensor | None = None  # (tokens,) sequence of each packed token
+    grid_cols: torch.Tensor | None = None  # (tokens,) its position within the sequence
+    _scratch: torch.Tensor | None = None
+
+    def grid_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """A zero (batch, max_len, *like.shape[1:]) grid for scattering packed tokens.
+
+        Without autograd one buffer serves every layer: each layer writes only the real slots,
+        so the pad slots stay zero and the buffer needs clearing once per forward pass.
+        """
+        shape = (self.batch, self.max_seqlen, *like.shape[1:])
+        if torch.is_grad_enabled():
+            return like.new_zeros(shape)
+        scratch = self._scratch
+        if scratch is None or scratch.shape != shape or scratch.dtype != like.dtype or scratch.device != like.device:
+            scratch = self._scratch = like.new_zeros(shape)
+        return scratch
 
 
 def additive_mask_from(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -87,40 +103,26 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(query, key, value, attn_mask=additive_mask, dropout_p=dropout_p)
 
 
-def varlen_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    plan: AttentionPlan,
-    dropout_p: float,
-) -> torch.Tensor:
-    """Attention over packed sequences: (total_tokens, heads, head_dim) in and out.
+def varlen_attention(qkv: torch.Tensor, plan: AttentionPlan, dropout_p: float) -> torch.Tensor:
+    """Attention over packed sequences: qkv (total_tokens, 3, heads, dim) -> (total_tokens, heads, dim).
 
     On CUDA with flash-attn installed (fp16/bf16) a varlen kernel runs on the packed tokens
-    directly. Otherwise the tokens are scattered into a padded (batch, heads, seq, dim) buffer
-    for one batched SDPA call and gathered back: the Linears and MLP, which are nearly all the
+    directly. Otherwise the tokens are scattered into a left-aligned (batch, max_len) grid for
+    one batched SDPA call and gathered back: the Linears and MLP, which are nearly all the
     work, still run on real tokens only, while attention's share (about 4 * seq * hidden FLOPs
     per token against 24 * hidden^2 for the rest) stays small.
     """
-    if (
-        flash_attn_varlen_func is not None
-        and query.is_cuda
-        and query.dtype in (torch.float16, torch.bfloat16)
-    ):
+    if flash_attn_varlen_func is not None and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
         cu = plan.cu_seqlens
-        return flash_attn_varlen_func(
-            query, key, value, cu, cu, plan.max_seqlen, plan.max_seqlen, dropout_p=dropout_p
-        )
-    assert plan.grid_index is not None
-    tokens, heads, dim = query.shape
-    batch, seq = plan.batch, plan.max_seqlen
-
-    def pad(x: torch.Tensor) -> torch.Tensor:
-        # (tokens, heads, dim) -> (batch, heads, seq, dim)
-        full = x.new_zeros(batch * seq, heads, dim).index_copy(0, plan.grid_index, x)
-        return full.view(batch, seq, heads, dim).transpose(1, 2)
-
-    context = sdpa_attention(pad(query), pad(key), pad(value), plan.additive_mask, dropout_p)
-    # (batch, heads, seq, dim) -> (batch * seq, heads, dim) -> real tokens only
-    context = context.transpose(1, 2).reshape(batch * seq, heads, dim)
-    return context.index_select(0, plan.grid_index)
+        query, key, value = qkv.unbind(1)
+        return flash_attn_varlen_func(query, key, value, cu, cu, plan.max_seqlen, plan.max_seqlen, dropout_p=dropout_p)
+    assert plan.grid_rows is not None and plan.grid_cols is not None
+    tokens, _, heads, dim = qkv.shape
+    grid = plan.grid_buffer(qkv)  # (batch, max_len, 3, heads, dim), zeros at pad slots
+    grid = grid.index_put((plan.grid_rows, plan.grid_cols), qkv) if torch.is_grad_enabled() else grid.index_put_(
+        (plan.grid_rows, plan.grid_cols), qkv
+    )
+    query, key, value = grid.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (batch, heads, max_len, dim)
+    context = sdpa_attention(query, key, value, plan.additive_mask, dropout_p)
+    # gather the real tokens straight from the (batch, heads, max_len, dim) result
+    return context[plan.grid_rows, :, plan.grid_cols]  # (tokens, heads, dim)

@@ -97,18 +97,19 @@ class MegatronBertSelfAttention(nn.Module):
         self.is_decoder = config.is_decoder
 
     def _fused_qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Q, K and V stacked into one (3 * inner, hidden) weight, for one GEMM instead of three.
+        """Q, K and V stacked into one (3 * inner, hidden) weight: one GEMM instead of three.
 
-        Only without autograd (inference) and for plain tensors (not DTensor shards, whose
-        concatenation would gather them, nor int8-quantized Linears, whose packed weight is
-        a method). Cached until a weight changes (tensor version).
+        Only for plain tensors: not DTensor shards (their concatenation would gather them, and
+        a tensor-parallel plan's hooks live on the three Linears), nor int8-quantized Linears
+        (whose packed weight is a method). With autograd the concatenation is part of the graph;
+        without it the result is cached until a weight changes (tensor version).
         """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return None
         weights = (self.query.weight, self.key.weight, self.value.weight)
         biases = (self.query.bias, self.key.bias, self.value.bias)
         if any(not isinstance(w, torch.Tensor) or hasattr(w, "placements") for w in weights):
             return None
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return torch.cat(weights), torch.cat(biases)
         stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in weights + biases)
         cached = self.__dict__.get("_qkv_cache")
         if cached is None or cached[0] != stamp:
@@ -118,15 +119,18 @@ class MegatronBertSelfAttention(nn.Module):
             self.__dict__["_qkv_cache"] = cached = (stamp, fused)
         return cached[1]
 
-    def _project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> (..., 3, heads, dim): queries, keys and values side by side."""
         fused = self._fused_qkv_weights()
         if fused is None:
-            return self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
-        return F.linear(hidden_states, *fused).chunk(3, dim=-1)
+            qkv = torch.cat([self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)], dim=-1)
+        else:
+            qkv = F.linear(hidden_states, *fused)
+        return qkv.view(*qkv.shape[:-1], 3, -1, self.head_dim)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # (batch, seq, heads * dim) -> (batch, heads, seq, dim)
-        return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(-3, -2)
+        return x.view(*x.shape[:-1], -1, self.head_dim).transpose(-3, -2)
 
     def _relative_scores(
         self, query: torch.Tensor, key: torch.Tensor, cached: bool
@@ -160,15 +164,14 @@ class MegatronBertSelfAttention(nn.Module):
         dropout_p = self.dropout_p if self.training else 0.0
 
         if plan.mode == "varlen":
-            # packed (tokens, hidden) -> (tokens, heads, dim)
-            shape = (hidden_states.shape[0], self.num_heads, self.head_dim)
-            query, key, value = (t.reshape(shape) for t in self._project_qkv(hidden_states))
-            context = varlen_attention(query, key, value, plan, dropout_p)
+            # packed (tokens, hidden) -> (tokens, 3, heads, dim) -> context (tokens, heads, dim)
+            context = varlen_attention(self._project_qkv(hidden_states), plan, dropout_p)
             return context.reshape(hidden_states.shape[0], -1), None, None
 
         is_cross = encoder_hidden_states is not None
         if not is_cross and past_key_value is None:
-            query, key, value = (self._split_heads(t) for t in self._project_qkv(hidden_states))
+            # (batch, seq, 3, heads, dim) -> three (batch, heads, seq, dim) views
+            query, key, value = self._project_qkv(hidden_states).permute(2, 0, 3, 1, 4).unbind(0)
             present = (key, value) if self.is_decoder else None
             return self._attend(query, key, value, plan, head_mask, output_attentions, present, cached=False)
 

@@ -148,7 +148,6 @@ class MegatronBertModel(MegatronBertPreTrainedModel):
         cu[1:] = torch.cumsum(lengths, 0)
         rows = torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths)  # (tokens,)
         within = torch.arange(rows.shape[0], device=lengths.device) - cu[:-1].long()[rows]
-        grid_index = rows * max_len + within
         keep = torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # (batch, max_len)
         return AttentionPlan(
             "varlen",
@@ -156,7 +155,8 @@ class MegatronBertModel(MegatronBertPreTrainedModel):
             cu_seqlens=cu,
             max_seqlen=max_len,
             batch=batch,
-            grid_index=grid_index,
+            grid_rows=rows,
+            grid_cols=within,
         )
 
     # ---------------------------------------------------------------- forward
