@@ -21,8 +21,9 @@ Timing: ``--rounds`` alternate runs of ours and the reference (each from the sam
 weights); a case reports the median step time over the timed steps of all rounds, which keeps a
 burst of load from other processes on a shared machine from deciding the ratio.
 
-Peak memory: CUDA ``max_memory_allocated``; on CPU the peak resident set size sampled every
-5 ms during the run, minus the size before it (an estimate: the allocator may keep pages).
+Peak memory: what a run adds at its peak (model, optimizer state, activations): CUDA
+``max_memory_allocated``; on CPU the bytes malloc has handed out (glibc ``mallinfo2``), sampled
+every 5 ms, minus the amount before the run.
 
 Prints one JSON line per case. Targets (speedup = our steps/s over the reference's):
 tiny-fp32 >= 3.5, base-fp32 >= 1.4, base-bf16 (ours bf16 vs reference fp32) >= 3.0.
@@ -36,6 +37,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -85,12 +87,33 @@ def make_batches(count: int, batch: int, seq: int, seed: int = 0) -> list[dict[s
     return out
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_in_use() -> int | None:
+    """Bytes malloc has handed out and not got back (glibc's mallinfo2), or None without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)  # small-chunk heap in use + mmap-ed large blocks
+
+
 class PeakMemory:
-    """Peak memory during a ``with`` block (CUDA allocator, or sampled RSS on CPU)."""
+    """Peak memory a ``with`` block adds: CUDA allocator peak, or on CPU the peak malloc'ed bytes.
+
+    On CPU, resident memory (RSS) would blame a run for pages the previous run freed but the
+    allocator kept, so the heap in use is sampled every 5 ms instead (RSS where glibc is absent).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak = 0
+        self._probe = _heap_in_use if _heap_in_use() is not None else self._rss
 
     @staticmethod
     def _rss() -> int:
@@ -104,7 +127,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
-            self._base = self._rss()
+            self._base = self._probe()
             self._stop = threading.Event()
             self._max = self._base
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -113,7 +136,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._max = max(self._max, self._rss())
+            self._max = max(self._max, self._probe())
             time.sleep(0.005)
 
     def __exit__(self, *exc: Any) -> None:

@@ -147,3 +147,17 @@ def test_bad_schedule_settings(config, message):
     with pytest.raises(UserError) as info:
         build_scheduler(optimizer, config, 10)
     assert message in str(info.value)
+
+
+def test_fused_adamw_when_the_parameters_allow_it(model):
+    from megabert.train.optim import can_fuse
+
+    assert build_optimizer(model, OptimizerConfig()).defaults["fused"] is True  # plain CPU tensors
+    assert not build_optimizer(model, OptimizerConfig(fused=False)).defaults["fused"]
+    assert not can_fuse([torch.zeros(2, device="meta")])  # a device without the fused kernel
+
+    class Sharded(torch.Tensor):  # stands for a DTensor (it has placements)
+        placements = ()
+
+    assert not can_fuse([torch.zeros(2).as_subclass(Sharded)])
+    assert not can_fuse([torch.zeros(2, dtype=torch.long)])

@@ -174,8 +174,9 @@ class PretrainingObjective:
     def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         logits, targets, out = _masked_logits(model, batch)
         if targets.numel():
-            mlm_loss = F.cross_entropy(logits.float(), targets)
-            mlm_acc = (logits.argmax(-1) == targets).float().mean()
+            logits = logits.float()  # the loss needs fp32 anyway; argmax is also faster on it than on bf16
+            mlm_loss = F.cross_entropy(logits, targets)
+            mlm_acc = (logits.detach().argmax(-1) == targets).float().mean()
         else:  # nothing masked in this micro-batch: a zero that keeps the graph connected
             mlm_loss = logits.sum() * 0.0
             mlm_acc = torch.zeros((), device=logits.device)
@@ -221,7 +222,8 @@ class PretrainingEvaluator:
                 break
             batch = move_to_device(batch, device)
             logits, targets, out = _masked_logits(model, batch)
-            sums["mlm_loss"] += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+            logits = logits.float()
+            sums["mlm_loss"] += float(F.cross_entropy(logits, targets, reduction="sum"))
             sums["mlm_correct"] += float((logits.argmax(-1) == targets).sum())
             sums["mlm_count"] += targets.numel()
             if self.binary_task is not None and hasattr(model.cls, "seq_relationship"):
