@@ -186,6 +186,22 @@ def train(
     }
 
 
+def count_all_reduces(model: torch.nn.Module, task: str) -> dict[str, int]:
+    """All-reduces issued by one forward and by one backward of ``model`` (torch profiler, gloo)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = {**probe_batch(task), "labels": torch.tensor([0, 1, 2])}
+    counts = {}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss = model(**batch).loss
+    counts["forward"] = sum(e.count for e in prof.key_averages() if e.key == "gloo:all_reduce")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    counts["backward"] = sum(e.count for e in prof.key_averages() if e.key == "gloo:all_reduce")
+    model.zero_grad(set_to_none=True)
+    return counts
+
+
 def write_json(path: Path, value: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value))

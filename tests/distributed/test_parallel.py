@@ -92,8 +92,13 @@ def test_tensor_parallel_2_matches_single_process_and_resumes_across_layouts(tmp
     for task in common.TASKS:
         reference(single, task, 1, tmp_path)  # also writes the single-process checkpoints
     out = tmp_path / "tp2"
-    check_ok(launch(2, [str(out), "--tp", "2", "--save-every", "3", "--resume-from", str(tmp_path / "reference-{task}-1")]))
+    check_ok(launch(2, [str(out), "--tp", "2", "--save-every", "3", "--resume-from", str(tmp_path / "reference-{task}-1"),
+                            "--count-collectives"]))
     runs = compare_run(out, single, 1, tmp_path)
+    # Megatron's cost: per layer 2 all-reduces forward (attention out, MLP out) and 2 backward
+    # (the inputs of QKV and of the MLP), plus one for the vocabulary-sharded embedding lookup.
+    layers = common.tiny_config("classify").num_hidden_layers
+    assert json.loads((out / "collectives.json").read_text()) == {"forward": 2 * layers + 1, "backward": 2 * layers}
     for task in common.TASKS:
         step3 = out / task / "checkpoints" / "step-00000003"
         assert (step3 / "dcp" / ".metadata").is_file()

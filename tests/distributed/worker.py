@@ -30,6 +30,8 @@ def main() -> int:
     parser.add_argument("--megatron", help="forward a Megatron-LM checkpoint instead of training")
     parser.add_argument("--resume-from", metavar="PATTERN",
                         help="also resume the step-3 checkpoint of the output folder PATTERN.format(task=...)")
+    parser.add_argument("--count-collectives", action="store_true",
+                        help="also count the all-reduces of one classification step (OUT/collectives.json)")
     parser.add_argument("--heartbeat", type=float, default=20.0)
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
@@ -43,6 +45,10 @@ def main() -> int:
             result = {"forward": common.forward_outputs(model, "pretrain")}
             if ctx.is_main:
                 common.write_json(args.out / "megatron.json", result)
+        if args.count_collectives:
+            counts = common.count_all_reduces(ctx.wrap_model(common.build_model("classify")), "classify")
+            if ctx.is_main:
+                common.write_json(args.out / "collectives.json", counts)
         for task in filter(None, args.tasks.split(",")):
             if args.megatron:
                 break

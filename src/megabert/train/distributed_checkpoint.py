@@ -48,6 +48,8 @@ DCP_DIR = "dcp"
 FORMAT = "dcp"
 # Signature entries a resume may change (the samples per optimizer step are checked instead).
 LAYOUT_KEYS = ("grad_accum", "world_size", "batch_size")
+# Optimizer param-group entries that say how it runs, not where it is.
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 
 
 # ---------------------------------------------------------------------------- full weights
@@ -287,6 +289,7 @@ def load_any_checkpoint(trainer: "Trainer", folder: str | os.PathLike, context: 
     _check_resumable(folder, info, trainer)
     state = ckpt.load_state(folder)
     model, optimizer = trainer.model, trainer.optimizer
+    implementation = [{k: g[k] for k in _IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
     if (folder / DCP_DIR).is_dir():
         import torch.distributed.checkpoint as dcp
 
@@ -303,6 +306,10 @@ def load_any_checkpoint(trainer: "Trainer", folder: str | os.PathLike, context: 
             ckpt.load_model_weights(model, folder / ckpt.MODEL_DIR)
         by_name = _optimizer_state_by_name(state["optimizer"], model, optimizer)
         set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    # How the optimizer runs (fused kernel or not...) is this run's choice, not the checkpoint's:
+    # a fused single-process optimizer's groups must not switch a DTensor run to the fused kernel.
+    for group, flags in zip(optimizer.param_groups, implementation):
+        group.update(flags)
     trainer.scheduler.load_state_dict(state["scheduler"])
     if trainer.scaler is not None and state.get("scaler"):
         trainer.scaler.load_state_dict(state["scaler"])

@@ -467,6 +467,23 @@ def _refuse_per_head_outputs(module: nn.Module, args: tuple, kwargs: dict) -> No
         raise UserError("output_attentions is not supported under tensor parallelism (each rank holds only some heads)")
 
 
+def _replicated_input(tp_mesh: Any) -> Callable[[nn.Module, tuple], tuple]:
+    """Forward pre-hook: the block's input as one Replicate DTensor (no communication).
+
+    Q, K and V are three ColwiseParallel Linears on the same input; without this each would
+    all-reduce its own input gradient in backward (3 all-reduces). With one DTensor input the
+    three partial gradients are summed locally and reduced once, as with Megatron's fused QKV.
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        if args and isinstance(args[0], torch.Tensor) and not isinstance(args[0], DTensor):
+            return (DTensor.from_local(args[0], tp_mesh, [Replicate()], run_check=False), *args[1:])
+        return args
+
+    return hook
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, shard_vocab: bool = True) -> nn.Module:
     """Shard ``model`` in place over the 1-D ``tp_mesh`` (see the module docstring); returns it.
 
@@ -496,6 +513,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, shard_vocab: bool = Tr
                 raise UserError(f"--tensor-parallel {tp} does not divide the {module.num_heads} attention heads")
             # The block reshapes (.., local heads * head_dim) with num_heads: its local count.
             module.num_heads //= tp
+            module.register_forward_pre_hook(_replicated_input(tp_mesh))
     base = getattr(model, getattr(model, "base_model_prefix", "bert"), model)
     if isinstance(base, nn.Module):
         base.register_forward_pre_hook(_refuse_per_head_outputs, with_kwargs=True)
