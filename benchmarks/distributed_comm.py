@@ -53,20 +53,25 @@ def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     }
 
 
-def time_steps(model: torch.nn.Module, batch: dict, steps: int, barrier: bool = False) -> float:
-    """Median seconds of a forward + backward (after one warm-up step)."""
-    times = []
+def time_steps(model: torch.nn.Module, batch: dict, steps: int, barrier: bool = False) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of a forward + backward (after one warm-up step).
+
+    CPU time well below wall time means the process waited: for a core (a busy machine) or
+    in a collective.
+    """
+    walls, cpus = [], []
     for i in range(steps + 1):
         if barrier:
             dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model(**batch).loss.backward()
         if barrier:
             dist.barrier()
         if i:
-            times.append(time.perf_counter() - t0)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
         model.zero_grad(set_to_none=True)
-    return statistics.median(times)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def count_collectives(model: torch.nn.Module, batch: dict) -> tuple[int, int]:
@@ -86,7 +91,7 @@ def count_collectives(model: torch.nn.Module, batch: dict) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-def single_process(args: argparse.Namespace) -> float:
+def single_process(args: argparse.Namespace) -> tuple[float, float]:
     from megabert.modeling.heads import MegatronBertForSequenceClassification
 
     torch.set_num_threads(args.threads)
@@ -106,7 +111,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, result_file: str) 
     torch.manual_seed(0)
     model = ctx.wrap_model(MegatronBertForSequenceClassification(build_config(args)))
     batch = make_batch(args)
-    step = time_steps(model, batch, args.steps, barrier=True)
+    step, cpu = time_steps(model, batch, args.steps, barrier=True)
     forward, backward = count_collectives(model, batch)
     # One all-reduce of the activation size on its own: the pure cost of a TP collective here.
     activation = torch.randn(args.batch * args.seq, args.hidden)
@@ -119,7 +124,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, result_file: str) 
             times.append(time.perf_counter() - t0)
     if ctx.is_main:
         Path(result_file).write_text(json.dumps({
-            "tp_step_s": step, "allreduce_forward": forward, "allreduce_backward": backward,
+            "tp_step_s": step, "tp_step_cpu_s": cpu, "allreduce_forward": forward, "allreduce_backward": backward,
             "allreduce_s": statistics.median(times),
         }))
     ctx.close()
@@ -164,7 +169,7 @@ def main() -> int:
     if args.hidden % args.heads or args.heads % args.tp or args.vocab % args.tp:
         parser.error("--tp must divide --heads and --vocab, and --heads must divide --hidden")
 
-    single = single_process(args)
+    single, single_cpu = single_process(args)
     import socket
 
     with socket.socket() as sock:
@@ -181,8 +186,9 @@ def main() -> int:
     message = args.batch * args.seq * args.hidden * 4
     print(f"model: {args.layers} layers x hidden {args.hidden}, {args.heads} heads, vocab {args.vocab}; "
           f"batch {args.batch} x seq {args.seq} = {args.batch * args.seq} tokens, fp32, {args.threads} thread(s)/process")
-    print(f"single process step (fwd+bwd):           {single * 1e3:9.1f} ms")
-    print(f"TP={args.tp} step (fwd+bwd):                    {step * 1e3:9.1f} ms   (speed-up {single / step:.2f}x)")
+    print(f"single process step (fwd+bwd):           {single * 1e3:9.1f} ms   (CPU time {single_cpu * 1e3:.1f} ms)")
+    print(f"TP={args.tp} step (fwd+bwd):                    {step * 1e3:9.1f} ms   (speed-up {single / step:.2f}x; "
+          f"rank 0 CPU time {measured['tp_step_cpu_s'] * 1e3:.1f} ms)")
     print(f"all-reduces per step: forward {measured['allreduce_forward']}, backward {measured['allreduce_backward']} "
           f"(expected {1 + 2 * args.layers} and {2 * args.layers}: 2 per layer each way + 1 embedding lookup)")
     print(f"one all-reduce of {message / 2**20:.2f} MiB (tokens x hidden fp32): {measured['allreduce_s'] * 1e3:7.2f} ms "
@@ -198,7 +204,7 @@ def main() -> int:
               f"comm {row['comm_ms']:.1f} ms vs compute {row['compute_ms']:.1f} ms per step "
               f"(comm/compute {row['comm_over_compute']:.2f})")
     if args.json:
-        args.json.write_text(json.dumps({"single_step_s": single, **measured, "comm_per_step_s": comm,
+        args.json.write_text(json.dumps({"single_step_s": single, "single_step_cpu_s": single_cpu, **measured, "comm_per_step_s": comm,
                                          "nvlink_prediction": rows}, indent=2) + "\n")
     return 0
 

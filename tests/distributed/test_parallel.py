@@ -268,3 +268,13 @@ def test_shard_batches_reslices_a_loader_like_the_single_process_order(single):
         assert (sharded.rank, sharded.world_size, sharded.global_batch) == (rank, 2, 8)
         got = [b for _, b in zip(range(2), sharded.index_batches(0))]
         assert got == [flat[4 * rank : 4 * rank + 4], flat[8 + 4 * rank : 12 + 4 * rank]]
+
+
+def test_hooks_refuse_a_model_that_was_never_sharded():
+    from megabert.train.parallel import ParallelHooks
+    from megabert.train.trainer import LossModule
+
+    ctx = ParallelContext(ParallelConfig(tensor_parallel=2, device="cpu"), 0, 2, 0, torch.device("cpu"))
+    hooks = ParallelHooks(ctx)
+    with pytest.raises(UserError, match="the model was not sharded for tensor parallel 2 / ddp: .*wrap_model"):
+        hooks.wrap(LossModule(common.build_model("classify"), lambda m, b: m(**b)))

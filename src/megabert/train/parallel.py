@@ -592,6 +592,14 @@ class ParallelHooks(DistributedHooks):
 
     def wrap(self, module: nn.Module) -> nn.Module:
         ctx = self.context
+        model = getattr(module, "model", module)
+        needs_sharding = ctx.tp > 1 or (ctx.config.data_parallel == "fsdp" and ctx.dp > 1)
+        if needs_sharding and getattr(model, "_megabert_parallel", None) is None:
+            raise UserError(
+                f"the model was not sharded for tensor parallel {ctx.tp} / {ctx.config.data_parallel}: the job must "
+                "pass it through ParallelContext.wrap_model (or the Trainer through hooks.prepare_model) before "
+                "the Trainer builds its optimizer"
+            )
         if ctx.dp == 1:
             return module
         if ctx.tp == 1 and ctx.config.data_parallel == "ddp":
