@@ -236,3 +236,15 @@ def test_fresh_start_over_an_existing_run_is_refused(tmp_path):
     with pytest.raises(UserError) as info:
         make_trainer(tmp_path, max_steps=4)
     assert "already holds checkpoints of a run (latest step-00000002): pass --resume auto to continue it" in str(info.value)
+
+
+def test_raising_max_steps_on_resume_keeps_the_schedule(tmp_path):
+    """The schedule is part of the checkpoint: a longer resumed run continues the original one."""
+    first = make_trainer(tmp_path, max_steps=3)
+    first.train()
+    resumed = make_trainer(tmp_path, max_steps=6, resume="auto")
+    rates = []
+    resumed.callbacks.append(type("Rates", (TrainerCallback,), {"on_step_end": lambda self, t, s, m: rates.append(m["lr"])})())
+    resumed.train()
+    # cosine, 2 warmup, 3 updates in all, floor 0.1 x 2e-3: updates 4.. run at the floor.
+    assert rates == pytest.approx([2e-4, 2e-4, 2e-4])

@@ -257,24 +257,32 @@ def test_metrics_file_survives_a_torn_line_and_truncates_on_resume(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
-def test_curves_png_or_a_one_line_note(tmp_path, monkeypatch, caplog):
-    import sys
-
+def _logger_with_records(folder):
     from megabert.train.logging import MetricsLogger
 
-    logger = MetricsLogger(tmp_path, QUIET)
+    logger = MetricsLogger(folder, QUIET)
     for step in (1, 2):
         logger.log(step, "train", {"loss": 3.0 - step, "lr": 1e-3, "mlm_accuracy": 0.1 * step})
     logger.log(2, "valid", {"loss": 2.5})
+    return logger
+
+
+def test_without_matplotlib_a_one_line_note(tmp_path, monkeypatch, caplog):
+    import sys
+
+    logger = _logger_with_records(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with caplog.at_level("WARNING"):
         assert logger.plot() is None
         assert logger.plot() is None
     notes = [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()]
     assert notes == ["matplotlib is not installed: no curves.png (pip install 'megabert[plot]')"]  # said once
-    monkeypatch.delitem(sys.modules, "matplotlib")
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_curves_png(tmp_path):
     pytest.importorskip("matplotlib")
-    path = logger.plot()
+    path = _logger_with_records(tmp_path).plot()
     assert path == tmp_path / "curves.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -40,10 +40,11 @@ class OptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    # torch's fused AdamW kernel: None = use it when every parameter is a plain CPU/CUDA tensor
-    # (one kernel per step instead of a dozen passes over the weights: ~4x faster updates on a
-    # CPU); False = torch's default (foreach) implementation.
-    fused: bool | None = None
+    # torch's fused AdamW kernel (one kernel per update instead of a dozen passes over the weights).
+    # Off by default: it writes the weights without bumping their tensor version counters, so a
+    # cache keyed on them goes stale -- the model's fused-QKV weight, built in no-grad forwards
+    # (evaluation), would keep the weights of the first evaluation.
+    fused: bool = False
 
     def validate(self) -> None:
         """Raise UserError naming the bad field and its allowed range."""
@@ -125,22 +126,9 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Ad
     groups = parameter_groups(model, config.weight_decay)
     if not groups:
         raise UserError("the model has no trainable parameters (all have requires_grad=False)")
-    params = [p for group in groups for p in group["params"]]
-    fused = can_fuse(params) if config.fused is None else config.fused
     return torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=fused or None
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=config.fused or None
     )
-
-
-def can_fuse(params: list[torch.Tensor]) -> bool:
-    """Whether torch's fused AdamW takes these parameters: plain floating tensors, all on CPU or all on one CUDA device.
-
-    Sharded parameters (DTensor, from tensor parallel or FSDP) keep the default implementation.
-    """
-    if not params or any(hasattr(p, "placements") or not p.is_floating_point() for p in params):
-        return False
-    devices = {p.device for p in params}
-    return len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
 
 
 class WarmupDecay:

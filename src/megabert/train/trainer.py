@@ -12,19 +12,22 @@ passed in:
   run in eval mode, without gradients, under the training precision, and with the RNG state
   saved and restored around it (so evaluating never changes the training run);
 * ``distributed`` -- :class:`DistributedHooks`: how to wrap the module (DDP...), skip gradient
-  sync on accumulation micro-batches, clip a sharded gradient, reduce metrics, gather RNG
-  states, and which rank writes files. The defaults are the single-process behaviour;
-* ``callbacks`` -- :class:`TrainerCallback` objects told about steps, evaluations and saves.
+  sync on accumulation micro-batches, clip a sharded gradient, reduce metrics, agree to stop,
+  gather RNG states, write / read checkpoints of a sharded model, and which rank writes files.
+  The defaults are the single-process behaviour;
+* ``callbacks`` -- :class:`TrainerCallback` objects told about steps, evaluations and saves;
+  one may call :meth:`Trainer.request_stop` (early stopping).
 
 A step is ``grad_accum`` micro-batches (forward + backward each, gradients summed with the
 loss divided by ``grad_accum``), an optional clip of the global gradient norm, one optimizer
 update and one scheduler step. Precision: ``fp32``; ``bf16`` (autocast on CPU and CUDA, fp32
 weights); ``fp16`` (CUDA autocast with a gradient scaler).
 
-Stopping: at ``max_steps``, at ``max_seconds``, or on SIGINT/SIGTERM (the current step
-finishes, a checkpoint is written, :meth:`Trainer.train` returns with ``interrupted=True``; a
-second signal stops at once). Resuming restores weights, optimizer, scheduler, scaler, RNG
-states and the data position, so the resumed losses equal the uninterrupted ones.
+Stopping: at ``max_steps``, at ``max_seconds``, at a :meth:`Trainer.request_stop`, or on
+SIGINT/SIGTERM (the current step finishes, a checkpoint is written, :meth:`Trainer.train`
+returns with ``interrupted=True``; a second signal stops at once). Resuming restores weights,
+optimizer, scheduler, scaler, RNG states and the data position, so the resumed losses equal the
+uninterrupted ones.
 """
 
 from __future__ import annotations
