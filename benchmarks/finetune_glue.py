@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -172,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints/ folder")
     parser.add_argument("--wait-minutes", type=float, default=0.0, help="wait up to M minutes for load < 2 first")
     args = parser.parse_args(argv)
 
@@ -207,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             row["train_examples"] = results["data"]["train"]["examples"]
             row["steps"] = results["max_steps"]
             row["commands"] = row.get("commands", []) + [shlex.join(command(task, model, out, random_init, args))]
+            if not args.keep_checkpoints:  # the resumable training state; best/ is the result
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
             print(f"  {task.name} {label}: " + ", ".join(f"{m} {results['metrics'].get(m)}" for m in task.metrics),
                   flush=True)
         rows.append(row)
