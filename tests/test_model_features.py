@@ -277,3 +277,23 @@ def test_inference_fused_qkv_matches_training_path_and_sees_weight_updates():
         after = ours(ids, mask, types).last_hidden_state
     torch.testing.assert_close(after, ref(ids, mask, types).last_hidden_state, atol=1e-5, rtol=0)
     assert (after - fused).abs().max() > 1e-4
+
+
+def test_fused_qkv_cache_follows_fused_optimizer_steps():
+    """Fused AdamW updates weights without bumping versions; eval after a step must see new weights."""
+    torch.manual_seed(0)
+    model = megabert.MegatronBertForMaskedLM(MegatronBertConfig(**TINY, hidden_dropout_prob=0.0,
+                                                                attention_probs_dropout_prob=0.0))
+    ids, mask, types = padded_batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    with torch.no_grad():
+        before = model(ids, mask, types).logits
+    model(ids, mask, types, labels=ids).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        after_cached = model(ids, mask, types).logits
+        model.bert.encoder.layer[0].attention.self.__dict__.pop("_qkv_cache", None)
+        model.bert.encoder.layer[1].attention.self.__dict__.pop("_qkv_cache", None)
+        after_fresh = model(ids, mask, types).logits
+    assert (after_fresh - before).abs().max() > 1e-3
+    torch.testing.assert_close(after_cached, after_fresh, atol=0, rtol=0)

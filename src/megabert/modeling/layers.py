@@ -44,6 +44,17 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
 }
 
+# Counts optimizer steps in this process. Fused optimizer kernels update weights in place
+# without bumping their version counters, so the fused-QKV cache also keys on this count.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(*_: object) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+torch.optim.optimizer.register_optimizer_step_post_hook(_count_optimizer_step)
+
 # One cached key/value pair per attention block: (batch, heads, seq, head_dim) each.
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
@@ -110,7 +121,7 @@ class MegatronBertSelfAttention(nn.Module):
             return None
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return torch.cat(weights), torch.cat(biases)
-        stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in weights + biases)
+        stamp = (_OPTIMIZER_STEPS[0],) + tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in weights + biases)
         cached = self.__dict__.get("_qkv_cache")
         if cached is None or cached[0] != stamp:
             # Built outside inference mode so the cache stays usable by later no_grad calls.
