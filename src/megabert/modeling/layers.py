@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from megabert.config import MegatronBertConfig
 from megabert.modeling.attention import AttentionPlan, eager_attention, sdpa_attention, varlen_attention
@@ -53,7 +54,7 @@ def _count_optimizer_step(*_: object) -> None:
     _OPTIMIZER_STEPS[0] += 1
 
 
-torch.optim.optimizer.register_optimizer_step_post_hook(_count_optimizer_step)
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 # One cached key/value pair per attention block: (batch, heads, seq, head_dim) each.
 KeyValue = tuple[torch.Tensor, torch.Tensor]
