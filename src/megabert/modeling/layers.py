@@ -230,12 +230,12 @@ class MegatronBertSelfAttention(nn.Module):
         return context, (weights if output_attentions else None), present
 
 
-class MegatronBertSelfOutput(nn.Module):
-    """Attention output projection, dropout and the (un-normalised) residual."""
+class ResidualProjection(nn.Module):
+    """dense -> dropout -> + residual (un-normalised): the end of the attention and MLP blocks."""
 
-    def __init__(self, config: MegatronBertConfig) -> None:
+    def __init__(self, in_features: int, config: MegatronBertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -250,7 +250,7 @@ class MegatronBertAttention(nn.Module):
         # MegatronBERT: LayerNorm *before* attention (BERT has it after the residual).
         self.ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self = MegatronBertSelfAttention(config)
-        self.output = MegatronBertSelfOutput(config)
+        self.output = ResidualProjection(config.hidden_size, config)  # attention output
 
     def forward(
         self,
@@ -279,18 +279,6 @@ class MegatronBertIntermediate(nn.Module):
         return self.act(self.dense(hidden_states))
 
 
-class MegatronBertOutput(nn.Module):
-    """MLP out: intermediate -> hidden, dropout, (un-normalised) residual."""
-
-    def __init__(self, config: MegatronBertConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return residual + self.dropout(self.dense(hidden_states))
-
-
 class MegatronBertLayer(nn.Module):
     """One pre-LN transformer layer (optionally with cross-attention, for decoders)."""
 
@@ -303,7 +291,7 @@ class MegatronBertLayer(nn.Module):
         # MegatronBERT: LayerNorm *before* the MLP.
         self.ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.intermediate = MegatronBertIntermediate(config)
-        self.output = MegatronBertOutput(config)
+        self.output = ResidualProjection(config.intermediate_size, config)  # MLP out
 
     def forward(
         self,

@@ -431,12 +431,7 @@ def tensor_parallel_plan(model: nn.Module, shard_vocab: bool = True) -> dict[str
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    from megabert.modeling.layers import (
-        MegatronBertIntermediate,
-        MegatronBertOutput,
-        MegatronBertSelfAttention,
-        MegatronBertSelfOutput,
-    )
+    from megabert.modeling.layers import MegatronBertIntermediate, MegatronBertSelfAttention, ResidualProjection
 
     plan: dict[str, Any] = {}
     for name, module in model.named_modules():
@@ -445,7 +440,7 @@ def tensor_parallel_plan(model: nn.Module, shard_vocab: bool = True) -> dict[str
                 plan[f"{name}.{projection}"] = ColwiseParallel()  # (.., hidden) -> (.., local heads * dim)
         elif isinstance(module, MegatronBertIntermediate):
             plan[f"{name}.dense"] = ColwiseParallel()  # (.., hidden) -> (.., intermediate / tp)
-        elif isinstance(module, (MegatronBertSelfOutput, MegatronBertOutput)):
+        elif isinstance(module, ResidualProjection):
             plan[f"{name}.dense"] = RowwiseParallel()  # local partial sums, all-reduced -> (.., hidden)
     if shard_vocab:
         names = {id(m): n for n, m in model.named_modules()}
