@@ -18,16 +18,15 @@ output difference on real tokens.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import resource
 import statistics
 import sys
 import time
 import warnings
 
 import torch
+
+from memory import PeakMemory  # benchmarks/memory.py (the script's folder is on sys.path)
 
 warnings.filterwarnings("ignore")
 
@@ -87,38 +86,10 @@ def flops_per_token(cfg: dict, avg_len: float) -> float:
 
 
 def peak_memory(fn, device: torch.device) -> float:
-    """Extra memory (MiB) one call needs: allocator peak on CUDA, max RSS growth on CPU."""
-    gc.collect()
-    with torch.inference_mode():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - base) / 2**20
-        # ru_maxrss only grows, so measure each model in a fresh high-water mark:
-        # run in a forked child where the parent's peak is the starting point.
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child
-            os.close(read)
-            before = _current_rss()
-            fn()
-            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            os.write(write, json.dumps(max(0.0, after - before)).encode())
-            os._exit(0)
-        os.close(write)
-        data = b""
-        while chunk := os.read(read, 4096):
-            data += chunk
-        os.waitpid(pid, 0)
-        return float(json.loads(data or b"0"))
-
-
-def _current_rss() -> float:
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    """Extra memory (MiB) one call needs: CUDA allocator peak, or on CPU the peak heap in use."""
+    with torch.inference_mode(), PeakMemory(device) as memory:
+        fn()
+    return memory.peak / 2**20
 
 
 def main() -> int:
