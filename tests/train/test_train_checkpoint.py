@@ -215,6 +215,28 @@ def test_resume_with_another_model_config_is_refused(tmp_path):
     assert "hidden_size: 32 in the checkpoint, 48 now" in message
 
 
+def _classifier_trainer(out: Path, max_steps: int, problem_type: str | None = None, **ckpt_options) -> Trainer:
+    """A sequence classifier whose config.problem_type is unset until its first forward pass sets it."""
+    from megabert import MegatronBertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = MegatronBertForSequenceClassification(tiny_config(num_labels=3, problem_type=problem_type))
+    batches = [{"input_ids": torch.randint(5, 128, (4, 8)), "labels": torch.tensor([0, 1, 2, 1])} for _ in range(2)]
+    return Trainer(model, batches, TrainerConfig(out, max_steps=max_steps, device="cpu"),
+                   checkpoints=CheckpointConfig(**ckpt_options), metrics=QUIET)
+
+
+def test_resume_of_a_classifier_ignores_the_problem_type_set_by_its_first_forward(tmp_path):
+    _classifier_trainer(tmp_path, max_steps=2).train()
+    saved = ckpt.read_info(tmp_path / "checkpoints" / "step-00000002")["model_config"]
+    assert saved["problem_type"] == "single_label_classification"  # set during training
+    resumed = _classifier_trainer(tmp_path, max_steps=3, resume="auto")  # a fresh model: problem_type None
+    assert resumed.state.step == 2 and resumed.train().step == 3
+    # Two different settings are still a different model.
+    with pytest.raises(UserError, match="problem_type: 'single_label_classification' in the checkpoint, 'regression' now"):
+        _classifier_trainer(tmp_path, max_steps=4, problem_type="regression", resume="auto")
+
+
 def test_resume_with_another_batch_size_is_refused(tmp_path):
     make_trainer(tmp_path, max_steps=2).train()
     with pytest.raises(UserError, match="batch_size: 4 in the checkpoint, 2 now"):

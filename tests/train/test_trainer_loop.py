@@ -370,3 +370,35 @@ def test_non_main_rank_writes_nothing(tmp_path):
     result = Trainer(small_net(), regression_batches(2, 2), TrainerConfig(tmp_path, max_steps=2, device="cpu"),
                      loss_fn=mse, metrics=QUIET, distributed=hooks).train()
     assert result.last_checkpoint is None and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("signalled, reason, evaluations", [
+    (False, "stop requested on another rank", 1),  # e.g. its time limit: the end-of-run evaluation still runs
+    (True, "SIGTERM", 0),  # a signal anywhere: no end-of-run evaluation, on every rank alike
+])
+def test_a_stop_from_another_rank(tmp_path, signalled, reason, evaluations):
+    """Every rank takes the same end-of-run path (evaluation, checkpoint: collectives) whoever stopped."""
+    from megabert.train.trainer import DistributedHooks
+
+    class OtherRankStops(DistributedHooks):
+        def __init__(self) -> None:
+            self.answers: list[bool] = []
+
+        def any_rank(self, flag):
+            self.answers.append(flag)
+            if len(self.answers) == 2:  # step 2: another rank wants to stop
+                return True
+            if len(self.answers) == 3:  # the follow-up question: was it a signal?
+                return signalled
+            return flag
+
+    hooks = OtherRankStops()
+    evaluated = []
+    trainer = Trainer(small_net(), regression_batches(4, 2), TrainerConfig(tmp_path, max_steps=10, device="cpu"),
+                      loss_fn=mse, metrics=QUIET, eval_fn=lambda m: evaluated.append(1) or {"loss": 0.0},
+                      distributed=hooks)
+    result = trainer.train()
+    assert (result.step, result.stop_reason) == (2, reason)
+    assert len(hooks.answers) == 3 and not any(hooks.answers)  # this rank itself never wanted to stop
+    assert len(evaluated) == evaluations
+    assert result.last_checkpoint.name == "step-00000002"

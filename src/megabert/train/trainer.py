@@ -58,6 +58,9 @@ Batch = Any  # usually a dict of tensors; anything the loss function accepts
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Config keys that describe how a model is run or saved, not what it is: a resume may change them.
 _RUNTIME_CONFIG_KEYS = ("architectures", "torch_dtype", "return_dict", "output_attentions", "output_hidden_states", "use_cache")
+# Config keys a model fills in on its first forward pass when unset (a classification head sets
+# problem_type from its labels): a checkpoint may hold them where a fresh model does not yet.
+_FIRST_FORWARD_CONFIG_KEYS = ("problem_type",)
 
 
 class TrainingError(RuntimeError):
@@ -326,7 +329,8 @@ class DistributedHooks:
     """How the loop runs across processes. These defaults are one process on one device.
 
     A torch.distributed plan subclasses this and overrides what it needs: ``rank``,
-    ``world_size``, ``device``, :meth:`wrap` (e.g. DDP around the :class:`LossModule`),
+    ``world_size``, ``device``, :meth:`prepare_model` (shard the model before the optimizer is
+    built), :meth:`wrap` (e.g. DDP around the :class:`LossModule`),
     :meth:`no_sync`, :meth:`clip_grad_norm` (a sharded model needs a global norm),
     :meth:`all_reduce` (metrics), :meth:`any_rank` (agree to stop), :meth:`gather_object`
     (RNG states for the checkpoint), :meth:`barrier`, and the optimizer state (de)serialisers.
@@ -393,6 +397,11 @@ class DistributedHooks:
     def full_weights(self, model: nn.Module) -> ContextManager:
         """Context in which ``model`` holds whole (unsharded) weights, e.g. to save it; every rank enters it."""
         return contextlib.nullcontext(model)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """The model as this layout trains it (e.g. sharded for tensor parallel); called by the Trainer
+        before it builds the optimizer. Must be idempotent (a job may have prepared it already)."""
+        return model
 
 
 class TrainerCallback:
@@ -501,6 +510,9 @@ class Trainer:
             raise UserError("fp16 training needs a CUDA device (it uses a gradient scaler); on CPU use bf16")
         seed_everything(config.seed + self.hooks.seed_offset())
 
+        # Sharding (tensor parallel, FSDP) happens here, before the optimizer sees the parameters,
+        # so every job runs under any layout without changes of its own (idempotent).
+        model = self.hooks.prepare_model(model)
         self.model = model.to(self.device)
         if config.gradient_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
@@ -635,7 +647,14 @@ class Trainer:
         """Restore weights, optimizer, scheduler, scaler, RNG and data position from a standard checkpoint."""
         folder = Path(folder)
         info = ckpt.read_info(folder)
-        ckpt.check_compatible(folder, info, self.model_config_record(), self.signature())
+        current = self.model_config_record()
+        saved_config = info.get("model_config")
+        if current is not None and isinstance(saved_config, dict):
+            for key in _FIRST_FORWARD_CONFIG_KEYS:
+                if current.get(key) is None or saved_config.get(key) is None:
+                    info = {**info, "model_config": {**saved_config, key: current.get(key)}}
+                    saved_config = info["model_config"]
+        ckpt.check_compatible(folder, info, current, self.signature())
         ckpt.load_model_weights(self.model, folder / ckpt.MODEL_DIR)
         state = ckpt.load_state(folder)
         self.hooks.load_optimizer_state_dict(self.optimizer, state["optimizer"])
@@ -813,14 +832,20 @@ class Trainer:
                     local = self._stop_signal is not None or self._stop_request is not None or timed_out
                     # One collective for every reason, so that all ranks leave the loop at the same step.
                     if self.hooks.any_rank(local) and self.state.step < config.max_steps:
+                        # Whether a signal stopped the run decides the end-of-run evaluation and
+                        # checkpoint, which are collectives: every rank must agree on it, so ask
+                        # once more (only on the stopping step).
+                        signalled = self.hooks.any_rank(self._stop_signal is not None)
                         if self._stop_signal is not None:
                             stop_reason = signal.Signals(self._stop_signal).name
+                        elif signalled:
+                            stop_reason = "SIGTERM"  # another rank was signalled
                         elif self._stop_request is not None:
                             stop_reason = self._stop_request
                         elif timed_out:
                             stop_reason = "time limit"
                         else:
-                            stop_reason = "SIGTERM"  # another rank was signalled
+                            stop_reason = "stop requested on another rank"  # its time limit or request_stop
                         break
         finally:
             bar.close()
