@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
+from typing import Any
 
 DESCRIPTION = """\
 Pretrain a MegatronBERT from scratch on a Megatron indexed dataset (from `megabert preprocess`):
@@ -16,7 +18,14 @@ megabert and transformers), checkpoints/step-N/ (the last --keep-last), metrics.
 curves.png (with matplotlib), tensorboard/ (with tensorboard), run_config.json.
 
 Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and stops; run the same
-command with --resume auto to continue exactly where it stopped."""
+command with --resume auto to continue exactly where it stopped.
+
+Several processes (GPUs, or CPU processes with --device cpu): launch the same command with
+torchrun. The world is split into --tensor-parallel T ranks per model replica (each holds
+heads/T attention heads, intermediate/T MLP columns and vocab/T embedding rows) times
+world/T data-parallel replicas (--data-parallel ddp or fsdp). --batch-size is per data-parallel
+rank. Checkpoints resume under another layout; final/ is always one whole model. Only rank 0
+writes files and prints. See docs/distributed.md."""
 
 EPILOG = """\
 example:
@@ -25,7 +34,13 @@ example:
   megabert pretrain --data data/books_train --valid-data data/books_valid --tokenizer tok/ \\
       --model-config tiny --output runs/tiny --max-steps 2000 --batch-size 32 --seq-length 128 \\
       --lr 5e-4 --warmup-steps 200 --schedule linear --bf16 --eval-every 200 --save-every 500
-  megabert pretrain ... --output runs/tiny --resume auto      # continue after a stop"""
+  megabert pretrain ... --output runs/tiny --resume auto      # continue after a stop
+  # 4 GPUs: tensor parallel 2 x data parallel 2 (batch 32 per data-parallel rank)
+  torchrun --nproc-per-node 4 -m megabert pretrain --tensor-parallel 2 \\
+      --data data/books_train --valid-data data/books_valid --tokenizer tok/ \\
+      --model-config large --output runs/large --max-steps 100000 --batch-size 32 --bf16
+  # 2 CPU processes, data parallel only
+  torchrun --nproc-per-node 2 -m megabert pretrain --device cpu ... --output runs/dp2"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,11 +95,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--log-every", type=int, default=10, metavar="N", help="steps between metric records")
     run_group.add_argument("--max-minutes", type=float, metavar="M", help="stop (with a checkpoint) after M minutes")
     run_group.add_argument("--quiet", action="store_true", help="no progress bar")
+    from megabert.train.parallel import add_parallel_arguments
+
+    add_parallel_arguments(p)  # --tensor-parallel, --data-parallel, --replicate-vocab, timeouts
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the configs from the arguments, run the job, print where the outputs are."""
+    """Build the configs from the arguments, run the job (on every rank under torchrun), print where the outputs are."""
+    from megabert.train.parallel import setup_parallel
+
+    ctx = setup_parallel(args)  # a single process without torchrun; a (dp, tp) mesh under it
+    try:
+        with ctx.guard():
+            result = _pretrain(args, ctx.hooks)
+    except BaseException:
+        # Peers may be gone already (stopped by this rank's failure): leaving the group must
+        # not replace the error the user needs to see.
+        with contextlib.suppress(Exception):
+            ctx.close()
+        raise
+    ctx.close()
+    if not ctx.is_main:
+        return 0  # rank 0 prints the summary
+    return _report(result)
+
+
+def _pretrain(args: argparse.Namespace, hooks: Any) -> Any:
+    """run_pretraining with the settings of the parsed arguments, on this rank (``hooks``)."""
     from megabert.train.checkpoint import CheckpointConfig
     from megabert.train.logging import MetricsConfig
     from megabert.train.optim import OptimizerConfig, ScheduleConfig
@@ -92,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from megabert.train.trainer import TrainerConfig
 
     binary = None if args.binary_task == "none" else args.binary_task
-    result = run_pretraining(
+    return run_pretraining(
         args.model_config,
         args.tokenizer,
         PretrainDataConfig(
@@ -111,7 +149,12 @@ def run(args: argparse.Namespace) -> int:
         schedule=ScheduleConfig(kind=args.schedule, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio),
         checkpoints=CheckpointConfig(save_every=args.save_every, keep_last=args.keep_last, resume=args.resume),
         metrics=MetricsConfig(log_every=args.log_every, progress=not args.quiet),
+        distributed=hooks,
     )
+
+
+def _report(result: Any) -> int:
+    """Print what the run left (main rank); the exit status."""
     train = result.train
     ckpt = train.last_checkpoint
     if train.interrupted:

@@ -401,7 +401,7 @@ def run_pretraining(
     final_dir = None
     if not result.interrupted:
         # Every rank enters full_weights (a sharded model gathers its weights there); one writes.
-        with hooks.full_weights(model) as whole:
+        with hooks.full_weights(trainer.model) as whole:
             if hooks.is_main:
                 final_dir = output_dir / FINAL_DIR
                 with atomic_folder(final_dir, overwrite=True) as tmp:
