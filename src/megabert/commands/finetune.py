@@ -7,6 +7,7 @@ Thin wrappers over :func:`megabert.train.finetune.finetune` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -35,7 +36,13 @@ entities, SQuAD), MCC (CoLA), mean of Pearson and Spearman (regression); --metri
 
 Outputs in --output: best/ (the best model with its tokenizer and id2label: loads with megabert
 and transformers; `megabert evaluate` it), eval_results.json (its metrics, the history, data
-counts), eval_predictions.jsonl, metrics.jsonl, run_config.json, checkpoints/ (resume)."""
+counts), eval_predictions.jsonl, metrics.jsonl, run_config.json, checkpoints/ (resume).
+
+Several processes (GPUs, or CPU processes with --device cpu): launch the same command with
+torchrun. --tensor-parallel T splits each layer over T ranks; the world / T data-parallel
+replicas (--data-parallel ddp or fsdp) each take --batch-size examples of every step, so a
+step sees batch size x replicas examples. Every rank evaluates the whole validation set; rank 0
+writes best/ (one whole model) and the other outputs. See docs/distributed.md."""
 
 FINETUNE_EPILOG = """\
 examples:
@@ -47,7 +54,13 @@ examples:
   megabert finetune --task question-answering --model runs/tiny/final \\
       --train squad/train-v2.0.json --validation squad/dev-v2.0.json --output ft/squad \\
       --max-length 384 --doc-stride 128
-  megabert evaluate ft/sst2/best --data glue/SST-2/dev.tsv --output ft/sst2/dev-eval"""
+  megabert evaluate ft/sst2/best --data glue/SST-2/dev.tsv --output ft/sst2/dev-eval
+  # 2 GPUs, data parallel (16 examples per GPU = 32 per step)
+  torchrun --nproc-per-node 2 -m megabert finetune --task sequence-classification \\
+      --model runs/large/final --train glue/SST-2/train.tsv --validation glue/SST-2/dev.tsv \\
+      --output ft/sst2-dp2 --batch-size 16
+  # 4 GPUs: tensor parallel 2 x data parallel 2
+  torchrun --nproc-per-node 4 -m megabert finetune --tensor-parallel 2 --task question-answering ..."""
 
 EVALUATE_DESCRIPTION = """\
 Score a fine-tuned model folder (`megabert finetune`'s best/) on a labelled file: prints the
@@ -148,6 +161,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--log-every", type=int, default=10, metavar="N", help="steps between train records")
     run_group.add_argument("--plot", action="store_true", help="draw curves.png (needs matplotlib)")
     run_group.add_argument("--quiet", action="store_true", help="no progress bars")
+    from megabert.train.parallel import add_parallel_arguments
+
+    add_parallel_arguments(p)  # --tensor-parallel, --data-parallel, --replicate-vocab, timeouts
     p.set_defaults(run=run_finetune)
 
     for name, help_text, description, epilog, labeled in (
@@ -185,7 +201,27 @@ def _show(metrics: dict[str, float]) -> str:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    """Build the options from the arguments, fine-tune, print the best metrics and the outputs."""
+    """Build the options from the arguments, fine-tune (on every rank under torchrun), print the best metrics."""
+    from megabert.train.parallel import setup_parallel
+
+    ctx = setup_parallel(args)  # a single process without torchrun; a (dp, tp) mesh under it
+    try:
+        with ctx.guard():
+            result = _finetune(args, ctx.hooks)
+    except BaseException:
+        # Peers may be gone already (stopped by this rank's failure): leaving the group must
+        # not replace the error the user needs to see.
+        with contextlib.suppress(Exception):
+            ctx.close()
+        raise
+    ctx.close()
+    if not ctx.is_main:
+        return 0  # rank 0 prints the summary
+    return _report_finetune(result)
+
+
+def _finetune(args: argparse.Namespace, hooks: Any) -> Any:
+    """finetune() with the settings of the parsed arguments, on this rank (``hooks``)."""
     from megabert.train.finetune import DataOptions, FinetuneConfig, finetune
 
     config = FinetuneConfig(
@@ -200,8 +236,13 @@ def run_finetune(args: argparse.Namespace) -> int:
         random_init=args.random_init, device=args.device, log_every=args.log_every, progress=not args.quiet,
         plot=args.plot, resume=args.resume, overwrite=args.overwrite,
     )
-    result = finetune(args.task, args.model, args.train, args.validation, args.output,
-                      data=_data_options(args, DataOptions()), config=config, tokenizer=args.tokenizer)
+    return finetune(args.task, args.model, args.train, args.validation, args.output,
+                    data=_data_options(args, DataOptions()), config=config, tokenizer=args.tokenizer,
+                    distributed=hooks)
+
+
+def _report_finetune(result: Any) -> int:
+    """Print the data counts, the best metrics and the outputs (main rank); the exit status."""
     if result.interrupted:
         print(f"stopped by {result.stop_reason} at step {result.steps}; the same command with --resume auto "
               "continues", file=sys.stderr)

@@ -24,9 +24,14 @@ Output folder of :func:`finetune`::
     OUT/checkpoints/step-N/     the last training checkpoint (resume with ``resume="auto"``)
 
 Early stopping ends the run after ``early_stopping_patience`` evaluations without an
-improvement of more than ``early_stopping_threshold``, through ``Trainer.request_stop`` where
-the trainer has it; for a trainer without it, the single-process hooks here also answer
-``any_rank`` with the request.
+improvement of more than ``early_stopping_threshold``, through ``Trainer.request_stop`` (the
+run ends as at ``max_steps``: a checkpoint, no repeated evaluation).
+
+Under torch.distributed (``distributed=`` the hooks of :func:`megabert.train.parallel.setup_parallel`),
+each data-parallel rank trains on its share of every global batch (``batch_size`` per rank);
+every rank evaluates the whole validation set (the ranks hold the same weights), and the
+best-model decision uses the metric averaged over the ranks, so all ranks take it together.
+Only the main rank writes files; ``OUT/best`` is gathered from the shards of a sharded model.
 """
 
 from __future__ import annotations
@@ -41,7 +46,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import nn
 
 from megabert.data.features import Collator
 from megabert.data.tasks import canonical_task
@@ -252,31 +256,35 @@ class BestModelKeeper(TrainerCallback):
         return gain > self.threshold
 
     def on_evaluate(self, trainer: Trainer, step: int, results: Mapping[str, float]) -> None:
-        value = float(results.get(self.metric, float("nan")))
-        self.history.append({"step": step, **{k: float(v) for k, v in results.items()}})
+        results = {k: float(v) for k, v in results.items()}
+        # One value on every rank (it may differ in the last bits between devices), so that all
+        # ranks agree on saving (a collective for a sharded model) and on stopping.
+        value = trainer.hooks.all_reduce({"value": results.get(self.metric, float("nan"))}, op="mean")["value"]
+        self.history.append({"step": step, **results})
         if self.improves(value):
             self.best, self.best_step, self.best_metrics = value, step, dict(results)
             self.bad_evaluations = 0
-            if trainer.hooks.is_main:
-                self._save(trainer.model, step)
+            self._save(trainer, step)
         else:
             self.bad_evaluations += 1
             if self.patience is not None and self.bad_evaluations >= self.patience:
                 self.stop_requested = True
-                request_stop = getattr(trainer, "request_stop", None)  # newer trainers have the hook
-                if request_stop is not None:
-                    request_stop("early stopping")
+                trainer.request_stop("early stopping")
         if trainer.hooks.is_main:
             self.write_results()
 
-    def _save(self, model: nn.Module, step: int) -> None:
-        with atomic_folder(self.best_dir, overwrite=True) as tmp:
-            model.save_pretrained(tmp)
-            self.save_extras(tmp)
-            write_json(tmp / FINETUNE_FILE, {**self.info, "step": step, self.metric: self.best})
-        last = self.evaluator.last
-        if last is not None:
-            write_jsonl(self.output_dir / PREDICTIONS_FILE, last.records)
+    def _save(self, trainer: Trainer, step: int) -> None:
+        """Write ``OUT/best`` (and the predictions): every rank gathers the weights, the main rank writes."""
+        with trainer.hooks.full_weights(trainer.model) as whole:
+            if trainer.hooks.is_main:
+                with atomic_folder(self.best_dir, overwrite=True) as tmp:
+                    whole.save_pretrained(tmp)
+                    self.save_extras(tmp)
+                    write_json(tmp / FINETUNE_FILE, {**self.info, "step": step, self.metric: self.best})
+                last = self.evaluator.last
+                if last is not None:
+                    write_jsonl(self.output_dir / PREDICTIONS_FILE, last.records)
+        trainer.hooks.barrier()  # best/ is complete before any rank goes on
 
     def results(self) -> dict[str, Any]:
         """The content of ``eval_results.json``."""
@@ -316,21 +324,6 @@ class BestModelKeeper(TrainerCallback):
                 self.bad_evaluations = 0
             else:
                 self.bad_evaluations += 1
-
-
-class _EarlyStoppingHooks(DistributedHooks):
-    """Single-process hooks whose ``any_rank`` also carries the early-stopping request.
-
-    The trainer asks ``any_rank(stop?)`` after every step (after its evaluation); answering
-    True ends the loop there, with a checkpoint. Only needed by a trainer without
-    ``request_stop`` (which then reports the stop as SIGTERM; :func:`finetune` renames it).
-    """
-
-    def __init__(self, keeper: BestModelKeeper) -> None:
-        self.keeper = keeper
-
-    def any_rank(self, flag: bool) -> bool:
-        return flag or self.keeper.stop_requested
 
 
 # ---------------------------------------------------------------------------------- finetune
@@ -378,6 +371,7 @@ def finetune(
     data: DataOptions | None = None,
     config: FinetuneConfig | None = None,
     tokenizer: str | os.PathLike | None = None,
+    distributed: DistributedHooks | None = None,
 ) -> FinetuneResult:
     """Fine-tune the model folder ``model`` for ``task`` and keep the best model in ``output/best``.
 
@@ -385,12 +379,17 @@ def finetune(
     tokenizer, both data files (bad records: ``file:line`` errors, or counted skips with
     ``on_bad="skip"``), validation labels against the training label set, ``max_length``
     against the model's positions. See the module docstring for the outputs.
+
+    ``distributed``: the Trainer's hooks of a torch.distributed run (every rank calls this
+    function with its own); default: one process.
     """
     task = canonical_task(task)
     data = data or DataOptions()
     data.validate(task)
     config = config or FinetuneConfig()
     config.validate()
+    hooks = distributed or DistributedHooks()
+    progress = config.progress and hooks.is_main  # one set of progress bars, the main rank's
     model_dir = Path(model)
     output_dir = Path(output)
     base_config = read_model_config(model_dir)
@@ -409,13 +408,15 @@ def finetune(
     check_metric(metric, scheme)
     version_2 = data.version_2 if data.version_2 is not None else is_version_2(train_split, valid_split)
 
-    train_features = encode_split(task, train_split.examples, tok, data, scheme, progress=config.progress)
-    valid_features = encode_split(task, valid_split.examples, tok, data, scheme, progress=config.progress)
+    train_features = encode_split(task, train_split.examples, tok, data, scheme, progress=progress)
+    valid_features = encode_split(task, valid_split.examples, tok, data, scheme, progress=progress)
 
     seed_everything(config.seed)  # the same new head (or random init) for the same seed
     net = build_model(task, model_dir, scheme, random_init=config.random_init)
+    # Data parallel: rank r takes its batch_size slice of each global batch (one epoch = the
+    # same examples as in one process; batch_size x ranks examples per step).
     loader = ResumableLoader(train_features, config.batch_size, Collator(tok.pad_token_id), shuffle=True,
-                             seed=config.seed)
+                             seed=config.seed, rank=hooks.rank, world_size=hooks.world_size)
     steps_per_epoch = max(1, loader.batches_per_epoch // config.grad_accum)
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     eval_every = config.eval_every or steps_per_epoch
@@ -423,7 +424,7 @@ def finetune(
 
     evaluator = TaskEvaluator(
         scheme, valid_split.examples, valid_features, data, pad_token_id=tok.pad_token_id,
-        batch_size=config.eval_batch_size or 2 * config.batch_size, version_2=version_2, progress=config.progress,
+        batch_size=config.eval_batch_size or 2 * config.batch_size, version_2=version_2, progress=progress,
     )
     info = {
         "task": task,
@@ -438,7 +439,10 @@ def finetune(
         "data": {"train": _split_info(train_split, train_features),
                  "validation": _split_info(valid_split, valid_features)},
     }
-    _remove_outputs(output_dir, replaced)
+    # Every rank has checked the folder (above) before the main rank changes anything in it.
+    hooks.barrier()
+    if hooks.is_main:
+        _remove_outputs(output_dir, replaced)
     keeper = BestModelKeeper(output_dir, metric, evaluator, tok.save_pretrained, info,
                              patience=config.early_stopping_patience, threshold=config.early_stopping_threshold)
     trainer = Trainer(
@@ -455,7 +459,7 @@ def finetune(
         metrics=MetricsConfig(log_every=config.log_every, tensorboard=False, plot=config.plot,
                               progress=config.progress),
         eval_fn=evaluator,
-        distributed=_EarlyStoppingHooks(keeper),
+        distributed=hooks,
         callbacks=[keeper],
         save_extras=tok.save_pretrained,
         run_signature={"task": task, "batch_size": config.batch_size, "max_length": data.max_length,
@@ -464,21 +468,22 @@ def finetune(
     )
     if trainer.resumed_from is not None:
         keeper.restore(trainer.state.step)
-        logger.warning("resuming from %s (step %d)", trainer.resumed_from, trainer.state.step)
-    write_json(output_dir / RUN_CONFIG_FILE, {
-        "task": task, "model": str(model_dir), "train": str(train), "validation": str(validation),
-        "tokenizer": str(tokenizer) if tokenizer is not None else None, "finetune": asdict(config),
-        "data": data.to_dict(), "labels": list(scheme.labels or ()), "problem_type": scheme.problem_type,
-        "metric": metric, "max_steps": max_steps, "steps_per_epoch": steps_per_epoch, "eval_every": eval_every,
-        "warmup_steps": warmup,
-    })
+        if hooks.is_main:
+            logger.warning("resuming from %s (step %d)", trainer.resumed_from, trainer.state.step)
+    if hooks.is_main:
+        write_json(output_dir / RUN_CONFIG_FILE, {
+            "task": task, "model": str(model_dir), "train": str(train), "validation": str(validation),
+            "tokenizer": str(tokenizer) if tokenizer is not None else None, "finetune": asdict(config),
+            "data": data.to_dict(), "labels": list(scheme.labels or ()), "problem_type": scheme.problem_type,
+            "metric": metric, "max_steps": max_steps, "steps_per_epoch": steps_per_epoch, "eval_every": eval_every,
+            "warmup_steps": warmup, "world_size": hooks.world_size,
+        })
     try:
         result = trainer.train()
     finally:
         trainer.close()
-    # Without Trainer.request_stop an early stop reaches the loop through any_rank, reported as SIGTERM.
-    keeper.stop_reason = "early stopping" if keeper.stop_requested else result.stop_reason
-    results_file = keeper.write_results()
+    keeper.stop_reason = result.stop_reason
+    results_file = keeper.write_results() if hooks.is_main else output_dir / RESULTS_FILE
     return FinetuneResult(
         output_dir=output_dir,
         best_dir=keeper.best_dir if keeper.best_dir.is_dir() else None,
