@@ -127,8 +127,10 @@ def main() -> int:
             real = int(mask.sum())
             run_ref = lambda: ref(input_ids=ids, attention_mask=mask)  # noqa: E731
             run_ours = lambda: ours(input_ids=ids, attention_mask=mask)  # noqa: E731
-            t_ref = time_fn(run_ref, device, args.repeats)
-            t_ours = time_fn(run_ours, device, args.repeats)
+            # Alternate the two so a change in machine load hits both alike.
+            rounds = [(time_fn(run_ref, device, 1), time_fn(run_ours, device, 1)) for _ in range(args.repeats)]
+            t_ref = statistics.median(r for r, _ in rounds)
+            t_ours = statistics.median(o for _, o in rounds)
             with torch.inference_mode():
                 a = run_ref().last_hidden_state.float()
                 b = run_ours().last_hidden_state.float()
