@@ -67,7 +67,7 @@ def time_fn(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
             fn()
             _sync(device)
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times) if times else 0.0
 
 
 def gemm_peak(tokens: int, hidden: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
@@ -128,7 +128,8 @@ def main() -> int:
             run_ref = lambda: ref(input_ids=ids, attention_mask=mask)  # noqa: E731
             run_ours = lambda: ours(input_ids=ids, attention_mask=mask)  # noqa: E731
             # Alternate the two so a change in machine load hits both alike.
-            rounds = [(time_fn(run_ref, device, 1), time_fn(run_ours, device, 1)) for _ in range(args.repeats)]
+            time_fn(run_ref, device, repeats=0), time_fn(run_ours, device, repeats=0)  # warm-up calls
+            rounds = [(time_fn(run_ref, device, 1, 0), time_fn(run_ours, device, 1, 0)) for _ in range(args.repeats)]
             t_ref = statistics.median(r for r, _ in rounds)
             t_ours = statistics.median(o for _, o in rounds)
             with torch.inference_mode():
