@@ -7,7 +7,6 @@ Thin wrappers over :func:`megabert.train.finetune.finetune` and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import signal
 import sys
@@ -202,22 +201,9 @@ def _show(metrics: dict[str, float]) -> str:
 
 def run_finetune(args: argparse.Namespace) -> int:
     """Build the options from the arguments, fine-tune (on every rank under torchrun), print the best metrics."""
-    from megabert.train.parallel import setup_parallel
+    from megabert.train.parallel import run_on_every_rank
 
-    ctx = setup_parallel(args)  # a single process without torchrun; a (dp, tp) mesh under it
-    try:
-        with ctx.guard():
-            result = _finetune(args, ctx.hooks)
-    except BaseException:
-        # Peers may be gone already (stopped by this rank's failure): leaving the group must
-        # not replace the error the user needs to see.
-        with contextlib.suppress(Exception):
-            ctx.close()
-        raise
-    ctx.close()
-    if not ctx.is_main:
-        return 0  # rank 0 prints the summary
-    return _report_finetune(result)
+    return run_on_every_rank(args, lambda hooks: _finetune(args, hooks), _report_finetune)
 
 
 def _finetune(args: argparse.Namespace, hooks: Any) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import sys
 from typing import Any
@@ -103,22 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the configs from the arguments, run the job (on every rank under torchrun), print where the outputs are."""
-    from megabert.train.parallel import setup_parallel
+    from megabert.train.parallel import run_on_every_rank
 
-    ctx = setup_parallel(args)  # a single process without torchrun; a (dp, tp) mesh under it
-    try:
-        with ctx.guard():
-            result = _pretrain(args, ctx.hooks)
-    except BaseException:
-        # Peers may be gone already (stopped by this rank's failure): leaving the group must
-        # not replace the error the user needs to see.
-        with contextlib.suppress(Exception):
-            ctx.close()
-        raise
-    ctx.close()
-    if not ctx.is_main:
-        return 0  # rank 0 prints the summary
-    return _report(result)
+    return run_on_every_rank(args, lambda hooks: _pretrain(args, hooks), _report)
 
 
 def _pretrain(args: argparse.Namespace, hooks: Any) -> Any:

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,8 @@ from torch import nn
 
 from megabert.errors import UserError
 from megabert.train.trainer import Batch, DistributedHooks, ResumableLoader, as_batch_source
+
+T = TypeVar("T")
 
 DATA_PARALLEL_MODES = ("ddp", "fsdp")
 # Exit status of a rank stopped because another rank failed (EX_SOFTWARE of sysexits.h).
@@ -892,6 +894,25 @@ def _resolve_rank_device(spec: str, local_rank: int) -> torch.device:
                 )
             device = torch.device("cuda", local_rank)
     return device
+
+
+def run_on_every_rank(args: Any, job: Callable[[Any], T], report: Callable[[T], int]) -> int:
+    """Run ``job(hooks)`` on this rank (one process without torchrun), then ``report`` on rank 0.
+
+    The shared body of the training commands: set up the process group from the arguments,
+    run under the fault guard, and leave the group. When the job fails, leaving must not
+    replace the error the user needs to see (the peers may already be gone).
+    """
+    ctx = setup_parallel(args)  # a single process without torchrun; a (dp, tp) mesh under it
+    try:
+        with ctx.guard():
+            result = job(ctx.hooks)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            ctx.close()
+        raise
+    ctx.close()
+    return report(result) if ctx.is_main else 0  # rank 0 prints the summary
 
 
 def setup_parallel(args: argparse.Namespace | ParallelConfig) -> ParallelContext:
