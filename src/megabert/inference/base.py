@@ -122,7 +122,7 @@ class Pipeline:
             )
         checked = self._check_params({**self.defaults, **params})
         if isinstance(inputs, (str, bytes, dict)):
-            raise UserError(f"stream() takes an iterable of inputs; for one input call the pipeline directly")
+            raise UserError("stream() takes an iterable of inputs; for one input call the pipeline directly")
         first = 0
         for chunk in chunked(inputs, self.lookahead):
             yield from self._run_chunk(chunk, first, checked)
@@ -302,3 +302,21 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise UserError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+class TextPairPipeline(Pipeline):
+    """A pipeline whose inputs are a text or a text pair (``(a, b)`` or ``{"text", "text_pair"}``)."""
+
+    # False: every input must be a pair (next-sentence); True: a lone text is accepted too.
+    allow_single_text: ClassVar[bool] = True
+
+    def _is_single(self, inputs: Any) -> bool:
+        return (self.allow_single_text and isinstance(inputs, str)) or isinstance(inputs, dict) or (
+            isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs)
+        )
+
+    def _normalize(self, item: Any, index: int) -> tuple[str, str | None]:
+        return as_pair(item, index, allow_single=self.allow_single_text)
+
+    def _encode(self, items: list[tuple[str, str | None]], first: int, params: dict[str, Any]) -> list[Encoded]:
+        return self._encode_texts(items, first, params["truncation"])

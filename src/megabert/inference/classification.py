@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 
-from megabert.inference.base import Encoded, InputError, Pipeline, as_pair, check_bool, check_choice, check_top_k
+from megabert.inference.base import Encoded, InputError, Pipeline, TextPairPipeline, check_bool, check_choice, check_top_k
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
 
 
-class TextClassificationPipeline(Pipeline):
+class TextClassificationPipeline(TextPairPipeline):
     """Labels and scores for texts or text pairs, from a sequence-classification model.
 
     Inputs: a str, a ``(text, text_pair)`` tuple, or ``{"text": ..., "text_pair": ...}``.
@@ -47,17 +47,6 @@ class TextClassificationPipeline(Pipeline):
         params["function_to_apply"] = check_choice("function_to_apply", function, FUNCTIONS)
         return params
 
-    def _is_single(self, inputs: Any) -> bool:
-        return isinstance(inputs, (str, dict)) or (
-            isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs)
-        )
-
-    def _normalize(self, item: Any, index: int) -> tuple[str, str | None]:
-        return as_pair(item, index, allow_single=True)
-
-    def _encode(self, items: list[tuple[str, str | None]], first: int, params: dict[str, Any]) -> list[Encoded]:
-        return self._encode_texts(items, first, params["truncation"])
-
     def _forward(self, batch: dict[str, torch.Tensor], params: dict[str, Any]) -> list[Any]:
         logits = self.model(**batch).logits.float()  # (rows, labels)
         function = params["function_to_apply"]
@@ -80,7 +69,7 @@ class TextClassificationPipeline(Pipeline):
         return [{"label": id2label[i], "score": scores[i]} for i in ranked[: top_k or len(ranked)]]
 
 
-class NextSentencePipeline(Pipeline):
+class NextSentencePipeline(TextPairPipeline):
     """The probability that text B follows text A, from the next-sentence (NSP) head.
 
     Inputs: ``(text_a, text_b)`` or ``{"text": a, "text_pair": b}``. Result:
@@ -90,21 +79,11 @@ class NextSentencePipeline(Pipeline):
 
     task = "next-sentence"
     call_defaults = {"truncation": False}
+    allow_single_text = False
 
     def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         check_bool("truncation", params["truncation"])
         return params
-
-    def _is_single(self, inputs: Any) -> bool:
-        return isinstance(inputs, dict) or (
-            isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs)
-        )
-
-    def _normalize(self, item: Any, index: int) -> tuple[str, str | None]:
-        return as_pair(item, index, allow_single=False)
-
-    def _encode(self, items: list[tuple[str, str | None]], first: int, params: dict[str, Any]) -> list[Encoded]:
-        return self._encode_texts(items, first, params["truncation"])
 
     def _forward(self, batch: dict[str, torch.Tensor], params: dict[str, Any]) -> list[Any]:
         out = self.model(**batch)

@@ -7,12 +7,12 @@ from typing import Any
 import torch
 
 from megabert.errors import UserError
-from megabert.inference.base import Encoded, Pipeline, as_pair, check_bool, check_choice
+from megabert.inference.base import Encoded, TextPairPipeline, check_bool, check_choice
 
 POOLINGS = (None, "cls", "pooler", "mean")
 
 
-class FeatureExtractionPipeline(Pipeline):
+class FeatureExtractionPipeline(TextPairPipeline):
     """Vectors from the encoder's final hidden states (after MegatronBERT's final LayerNorm).
 
     Inputs: a str, or a pair as for text-classification. Call parameters:
@@ -41,17 +41,6 @@ class FeatureExtractionPipeline(Pipeline):
         if params["pooling"] == "pooler" and not self.has_pooler:
             raise UserError('pooling="pooler" needs pooler weights, and this checkpoint has none; use "cls" or "mean"')
         return params
-
-    def _is_single(self, inputs: Any) -> bool:
-        return isinstance(inputs, (str, dict)) or (
-            isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs)
-        )
-
-    def _normalize(self, item: Any, index: int) -> tuple[str, str | None]:
-        return as_pair(item, index, allow_single=True)
-
-    def _encode(self, items: list[tuple[str, str | None]], first: int, params: dict[str, Any]) -> list[Encoded]:
-        return self._encode_texts(items, first, params["truncation"])
 
     def _forward(self, batch: dict[str, torch.Tensor], params: dict[str, Any]) -> list[Any]:
         out = self.model(**batch)
