@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,7 +21,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
-from megabert.config import CONFIG_NAME, MegatronBertConfig
+from megabert.config import MegatronBertConfig
 from megabert.utils import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,11 @@ WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 _DERIVED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 # Keys old checkpoints carry that are not weights (buffers the model rebuilds itself).
 _IGNORED_KEY_SUFFIXES = (".position_ids",)
+
+# The weight file names this module writes (single, shards, indexes): only these are replaced.
+_WEIGHT_FILE = re.compile(
+    r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)|(model\.safetensors|pytorch_model\.bin)\.index\.json"
+)
 
 ModelT = TypeVar("ModelT", bound="MegatronBertPreTrainedModel")
 
@@ -357,8 +363,7 @@ class MegatronBertPreTrainedModel(nn.Module):
             written.append(index_name)
         # Remove weight files of an earlier save that this one replaces, so loaders are not confused.
         for old in folder.iterdir():
-            is_weights = old.name.startswith(("model", "pytorch_model")) and old.suffix in (".safetensors", ".bin", ".json")
-            if is_weights and old.name not in written and old.name != CONFIG_NAME:
+            if _WEIGHT_FILE.fullmatch(old.name) and old.name not in written:
                 old.unlink()
         config.save_pretrained(folder)
         return folder
