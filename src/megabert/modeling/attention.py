@@ -117,7 +117,6 @@ def varlen_attention(qkv: torch.Tensor, plan: AttentionPlan, dropout_p: float) -
         query, key, value = qkv.unbind(1)
         return flash_attn_varlen_func(query, key, value, cu, cu, plan.max_seqlen, plan.max_seqlen, dropout_p=dropout_p)
     assert plan.grid_rows is not None and plan.grid_cols is not None
-    tokens, _, heads, dim = qkv.shape
     grid = plan.grid_buffer(qkv)  # (batch, max_len, 3, heads, dim), zeros at pad slots
     grid = grid.index_put((plan.grid_rows, plan.grid_cols), qkv) if torch.is_grad_enabled() else grid.index_put_(
         (plan.grid_rows, plan.grid_cols), qkv
