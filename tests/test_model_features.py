@@ -297,3 +297,81 @@ def test_fused_qkv_cache_follows_fused_optimizer_steps():
         after_fresh = model(ids, mask, types).logits
     assert (after_fresh - before).abs().max() > 1e-3
     torch.testing.assert_close(after_cached, after_fresh, atol=0, rtol=0)
+
+
+def _varlen_batch():
+    """Six rows: two pairs of equal length (runs), a full row, left padding and a hole in one row."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 99, (6, 12), generator=g)
+    lengths = [7, 12, 7, 4, 4, 9]
+    mask = (torch.arange(12)[None, :] < torch.tensor(lengths)[:, None]).long()
+    mask[5] = 0
+    mask[5, 3:12] = 1  # left padding: 9 real tokens at the end
+    mask[3] = 0
+    mask[3, [0, 1, 5, 6]] = 1  # a hole: real tokens 0, 1, 5, 6
+    types = (torch.arange(12)[None, :] >= 5).long().expand(6, -1).clone()
+    return ids.masked_fill(mask == 0, 0), mask, types
+
+
+def test_varlen_plan_packs_longest_first_in_runs_of_equal_length():
+    from megabert.modeling.attention import varlen_plan
+
+    _, mask, _ = _varlen_batch()
+    lengths = mask.sum(1)
+    plan = varlen_plan(mask.bool(), lengths)
+    # lengths 7, 12, 7, 4, 4, 9 -> rows 1 (12), 5 (9), 0 and 2 (7), 3 and 4 (4)
+    assert plan.runs == ((0, 1, 12), (12, 1, 9), (21, 2, 7), (35, 2, 4))
+    assert plan.cu_seqlens.tolist() == [0, 12, 21, 28, 35, 39, 43]
+    expected = [12 + j for j in range(12)] + [5 * 12 + j for j in range(3, 12)] + list(range(7)) + [24 + j for j in range(7)]
+    expected += [36, 37, 41, 42] + [48 + j for j in range(4)]
+    assert plan.token_index.tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_runs_match_reference_on_real_tokens(dtype):
+    ref, ours = _pair("MegatronBertModel")
+    ours.config.unpad_inputs = True
+    ids, mask, types = _varlen_batch()
+    with torch.no_grad():
+        expected = ref(ids, mask, types).last_hidden_state
+        got = ours.to(dtype)(ids, mask, types).last_hidden_state.float()
+    tolerance = 1e-5 if dtype == torch.float32 else 0.1
+    assert _max_real_diff(expected, got, mask) < tolerance
+    assert torch.count_nonzero(got[~mask.bool()]) == 0
+
+
+def test_varlen_runs_gradients_equal_padded_path():
+    torch.manual_seed(0)
+    config = MegatronBertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = megabert.MegatronBertForMaskedLM(config).train()
+    ids, mask, types = _varlen_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def run(unpad: bool):
+        model.config.unpad_inputs = unpad
+        model.zero_grad()
+        out = model(ids, mask, types, labels=labels)
+        out.loss.backward()
+        return out.loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    padded_loss, padded_grads = run(False)
+    loss, grads = run(True)
+    torch.testing.assert_close(loss, padded_loss, atol=1e-5, rtol=0)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_training_dropout_in_attention_and_hidden_states_is_seeded():
+    """With dropout on, two seeded runs agree and differ from an unseeded one (all paths draw masks)."""
+    config = MegatronBertConfig(**TINY, unpad_inputs=True, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    torch.manual_seed(0)
+    model = megabert.MegatronBertModel(config).train()
+    ids, mask, types = _varlen_batch()
+    outs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outs.append(model(ids, mask, types).last_hidden_state)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    with torch.no_grad():
+        model.eval()
+        assert not torch.equal(model(ids, mask, types).last_hidden_state, outs[0])

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megabert.modeling.dropout import dropout
+
 try:  # optional CUDA kernel for unpadded attention (`pip install flash-attn`)
     from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
 except Exception:  # noqa: BLE001 - any import failure means "not available"
@@ -25,34 +27,50 @@ class AttentionPlan:
 
     mode "eager": explicit softmax (attention weights, head_mask, relative positions).
     mode "sdpa": torch's scaled_dot_product_attention on padded (batch, heads, seq, dim).
-    mode "varlen": tokens are packed (total_tokens, hidden); attention runs per sequence.
+    mode "varlen": tokens are packed (total_tokens, hidden), sequences sorted longest first;
+    attention runs on each run of equal-length sequences without any padding.
     """
 
     mode: str
     # (batch, 1, query_len, key_len) additive mask, or None when nothing is masked.
     additive_mask: torch.Tensor | None = None
-    # varlen only: sequence boundaries in the packed token axis, (batch + 1,) int32, and
-    # where each packed token sits in a (batch, max_seqlen) grid of left-aligned sequences.
+    # varlen only. token_index: (total_tokens,) where each packed token sits in the flattened
+    # (batch * seq) input. runs: (first packed token, sequences, length) for each run of
+    # equal-length sequences, in packed order. cu_seqlens: (batch + 1,) int32 sequence
+    # boundaries in packed order (for flash-attn).
+    token_index: torch.Tensor | None = None
+    runs: tuple[tuple[int, int, int], ...] = ()
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
-    batch: int = 0
-    grid_rows: torch.Tensor | None = None  # (tokens,) sequence of each packed token
-    grid_cols: torch.Tensor | None = None  # (tokens,) its position within the sequence
-    _scratch: torch.Tensor | None = None
 
-    def grid_buffer(self, like: torch.Tensor) -> torch.Tensor:
-        """A zero (batch, max_len, *like.shape[1:]) grid for scattering packed tokens.
 
-        Without autograd one buffer serves every layer: each layer writes only the real slots,
-        so the pad slots stay zero and the buffer needs clearing once per forward pass.
-        """
-        shape = (self.batch, self.max_seqlen, *like.shape[1:])
-        if torch.is_grad_enabled():
-            return like.new_zeros(shape)
-        scratch = self._scratch
-        if scratch is None or scratch.shape != shape or scratch.dtype != like.dtype or scratch.device != like.device:
-            scratch = self._scratch = like.new_zeros(shape)
-        return scratch
+def varlen_plan(attention_mask: torch.Tensor, lengths: torch.Tensor) -> AttentionPlan:
+    """The plan for packed tokens of a (batch, seq) keep-mask whose rows hold ``lengths`` (all > 0) real tokens.
+
+    Sequences are packed longest first, so sequences of the same length lie side by side and
+    each such run is a (sequences, length) block of the packed tokens. A row's real tokens need
+    not be contiguous (left padding, holes): they are packed in order and attend to each other.
+    """
+    batch, seq_len = attention_mask.shape
+    order = torch.argsort(lengths, descending=True, stable=True)  # (batch,)
+    sorted_lengths = lengths[order]
+    # real tokens of the rows in `order`, as flat indices of the original (batch * seq) grid
+    flat = attention_mask[order].reshape(-1).nonzero().squeeze(1)  # (total_tokens,) in the sorted grid
+    token_index = order[flat // seq_len] * seq_len + flat % seq_len
+    cu = torch.zeros(batch + 1, dtype=torch.int32, device=lengths.device)
+    cu[1:] = torch.cumsum(sorted_lengths, 0)
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for length in sorted_lengths.tolist():
+        if runs and runs[-1][2] == length:
+            first, count, _ = runs[-1]
+            runs[-1] = (first, count + 1, length)
+        else:
+            runs.append((start, 1, length))
+        start += length
+    return AttentionPlan(
+        "varlen", token_index=token_index, runs=tuple(runs), cu_seqlens=cu, max_seqlen=int(sorted_lengths[0])
+    )
 
 
 def additive_mask_from(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -83,7 +101,7 @@ def eager_attention(
     if additive_mask is not None:
         scores = scores + additive_mask
     weights = torch.softmax(scores, dim=-1)
-    weights = F.dropout(weights, p=dropout_p, training=dropout_p > 0)
+    weights = dropout(weights, dropout_p, training=dropout_p > 0)
     if head_mask is not None:
         weights = weights * head_mask
     context = torch.matmul(weights, value)  # (batch, heads, q_len, head_dim)
@@ -97,9 +115,17 @@ def sdpa_attention(
     additive_mask: torch.Tensor | None,
     dropout_p: float,
 ) -> torch.Tensor:
-    """torch's fused attention on padded tensors (batch, heads, seq, head_dim)."""
+    """Fused attention on (batch, heads, seq, head_dim) tensors: torch's SDPA.
+
+    With dropout on CPU, SDPA falls back to its unfused math anyway and draws the dropout mask
+    one element at a time; the same math with :func:`~megabert.modeling.dropout.dropout`'s
+    cheaper mask runs instead (query and key of a plain tensor; torch.compile keeps SDPA).
+    """
     if additive_mask is not None and additive_mask.dtype != query.dtype:
         additive_mask = additive_mask.to(query.dtype)
+    if dropout_p > 0 and query.device.type == "cpu" and not hasattr(query, "placements"):
+        if not torch.compiler.is_compiling():
+            return eager_attention(query, key, value, additive_mask, dropout_p)[0]
     return F.scaled_dot_product_attention(query, key, value, attn_mask=additive_mask, dropout_p=dropout_p)
 
 
@@ -107,21 +133,36 @@ def varlen_attention(qkv: torch.Tensor, plan: AttentionPlan, dropout_p: float) -
     """Attention over packed sequences: qkv (total_tokens, 3, heads, dim) -> (total_tokens, heads, dim).
 
     On CUDA with flash-attn installed (fp16/bf16) a varlen kernel runs on the packed tokens
-    directly. Otherwise the tokens are scattered into a left-aligned (batch, max_len) grid for
-    one batched SDPA call and gathered back: the Linears and MLP, which are nearly all the
-    work, still run on real tokens only, while attention's share (about 4 * seq * hidden FLOPs
-    per token against 24 * hidden^2 for the rest) stays small.
+    directly. Otherwise each run of equal-length sequences is a (sequences, length) block of
+    the packed tokens, viewed as (sequences, heads, length, dim) for one unmasked SDPA call:
+    no pad token is scattered, masked or computed.
     """
     if flash_attn_varlen_func is not None and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
         cu = plan.cu_seqlens
         query, key, value = qkv.unbind(1)
         return flash_attn_varlen_func(query, key, value, cu, cu, plan.max_seqlen, plan.max_seqlen, dropout_p=dropout_p)
-    assert plan.grid_rows is not None and plan.grid_cols is not None
-    grid = plan.grid_buffer(qkv)  # (batch, max_len, 3, heads, dim), zeros at pad slots
-    grid = grid.index_put((plan.grid_rows, plan.grid_cols), qkv) if torch.is_grad_enabled() else grid.index_put_(
-        (plan.grid_rows, plan.grid_cols), qkv
-    )
-    query, key, value = grid.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (batch, heads, max_len, dim)
-    context = sdpa_attention(query, key, value, plan.additive_mask, dropout_p)
-    # gather the real tokens straight from the (batch, heads, max_len, dim) result
-    return context[plan.grid_rows, :, plan.grid_cols]  # (tokens, heads, dim)
+    tokens, _, heads, dim = qkv.shape
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        # split (one concatenation in backward) and cat, rather than slicing per run: the
+        # backward of each slice would be a zero-filled gradient of the whole qkv.
+        blocks = qkv.split([count * length for _, count, length in plan.runs])
+        pieces = [
+            _run_attention(block, count, length, dropout_p).reshape(count * length, heads, dim)
+            for block, (_, count, length) in zip(blocks, plan.runs)
+        ]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if len(plan.runs) == 1:
+        _, count, length = plan.runs[0]
+        return _run_attention(qkv, count, length, dropout_p).reshape(tokens, heads, dim)
+    out = qkv.new_empty(tokens, heads, dim)  # each run's context is copied straight into place
+    for start, count, length in plan.runs:
+        end = start + count * length
+        out[start:end].view(count, length, heads, dim).copy_(_run_attention(qkv[start:end], count, length, dropout_p))
+    return out
+
+
+def _run_attention(block: torch.Tensor, count: int, length: int, dropout_p: float) -> torch.Tensor:
+    """(count * length, 3, heads, dim) packed tokens of equal-length sequences -> context (count, length, heads, dim)."""
+    qkv = block.view(count, length, *block.shape[1:])
+    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (count, heads, length, dim)
+    return sdpa_attention(query, key, value, None, dropout_p).transpose(1, 2)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megabert.config import MegatronBertConfig
+from megabert.modeling.cpu_matmul import linear_module
+from megabert.modeling.dropout import Dropout
 from megabert.modeling.inputs import check_labels
 from megabert.modeling.layers import ACTIVATIONS
 from megabert.modeling.model import MegatronBertModel
@@ -48,7 +50,7 @@ class MegatronBertPredictionHeadTransform(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.act(self.dense(hidden_states)))
+        return self.LayerNorm(self.act(linear_module(self.dense, hidden_states)))
 
 
 class MegatronBertLMPredictionHead(nn.Module):
@@ -63,7 +65,7 @@ class MegatronBertLMPredictionHead(nn.Module):
         self.decoder.bias = self.bias
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(hidden_states))  # (..., vocab)
+        return linear_module(self.decoder, self.transform(hidden_states))  # (..., vocab)
 
 
 class MegatronBertOnlyMLMHead(nn.Module):
@@ -323,7 +325,7 @@ class MegatronBertForSequenceClassification(MegatronBertPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = MegatronBertModel(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -382,7 +384,7 @@ class MegatronBertForMultipleChoice(MegatronBertPreTrainedModel):
     def __init__(self, config: MegatronBertConfig) -> None:
         super().__init__(config)
         self.bert = MegatronBertModel(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
@@ -439,7 +441,7 @@ class MegatronBertForTokenClassification(MegatronBertPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = MegatronBertModel(config, add_pooling_layer=False)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 

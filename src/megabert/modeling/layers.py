@@ -18,6 +18,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from megabert.config import MegatronBertConfig
 from megabert.modeling.attention import AttentionPlan, eager_attention, sdpa_attention, varlen_attention
+from megabert.modeling.cpu_matmul import linear, linear_module
+from megabert.modeling.dropout import Dropout
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,7 @@ class MegatronBertEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.use_absolute_positions = config.position_embedding_type == "absolute"
 
     def forward(
@@ -137,7 +139,7 @@ class MegatronBertSelfAttention(nn.Module):
         if fused is None:
             qkv = torch.cat([self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)], dim=-1)
         else:
-            qkv = F.linear(hidden_states, *fused)
+            qkv = linear(hidden_states, *fused)
         return qkv.view(*qkv.shape[:-1], 3, -1, self.head_dim)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,10 +238,10 @@ class ResidualProjection(nn.Module):
     def __init__(self, in_features: int, config: MegatronBertConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return residual + self.dropout(self.dense(hidden_states))
+        return residual + self.dropout(linear_module(self.dense, hidden_states))
 
 
 class MegatronBertAttention(nn.Module):
@@ -276,7 +278,7 @@ class MegatronBertIntermediate(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.act(self.dense(hidden_states))
+        return self.act(linear_module(self.dense, hidden_states))
 
 
 class MegatronBertLayer(nn.Module):

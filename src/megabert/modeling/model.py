@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megabert.config import MegatronBertConfig
-from megabert.modeling.attention import AttentionPlan, additive_mask_from
+from megabert.modeling.attention import AttentionPlan, additive_mask_from, varlen_plan
 from megabert.modeling.inputs import check_model_inputs
 from megabert.modeling.layers import MegatronBertEmbeddings, MegatronBertLayer, MegatronBertPooler
 from megabert.modeling.outputs import BaseModelOutputWithPoolingAndCrossAttentions
@@ -136,28 +136,8 @@ class MegatronBertModel(MegatronBertPreTrainedModel):
             return AttentionPlan(mode)
         lengths = keep.sum(dim=1)
         if self.config.unpad_inputs and not need_eager and bool((lengths > 0).all()):
-            return self._varlen_plan(lengths, dtype)
+            return varlen_plan(keep, lengths)
         return AttentionPlan(mode, additive_mask_from(attention_mask[:, None, None, :], dtype))
-
-    @staticmethod
-    def _varlen_plan(lengths: torch.Tensor, dtype: torch.dtype) -> AttentionPlan:
-        """Plan for packed tokens: boundaries, and each token's slot in a left-aligned grid."""
-        batch = lengths.shape[0]
-        max_len = int(lengths.max())
-        cu = torch.zeros(batch + 1, dtype=torch.int32, device=lengths.device)
-        cu[1:] = torch.cumsum(lengths, 0)
-        rows = torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths)  # (tokens,)
-        within = torch.arange(rows.shape[0], device=lengths.device) - cu[:-1].long()[rows]
-        keep = torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]  # (batch, max_len)
-        return AttentionPlan(
-            "varlen",
-            additive_mask=additive_mask_from(keep[:, None, None, :], dtype),
-            cu_seqlens=cu,
-            max_seqlen=max_len,
-            batch=batch,
-            grid_rows=rows,
-            grid_cols=within,
-        )
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -216,9 +196,9 @@ class MegatronBertModel(MegatronBertPreTrainedModel):
             head_mask = _expand_head_mask(head_mask, config.num_hidden_layers, dtype)
 
         if plan.mode == "varlen":
-            # Drop the padding once: every layer below sees (total_tokens, hidden).
-            assert attention_mask is not None
-            token_index = attention_mask.reshape(-1).nonzero().squeeze(1)  # (total_tokens,)
+            # Drop the padding once: every layer below sees (total_tokens, hidden), longest sequence first.
+            token_index = plan.token_index  # (total_tokens,) positions in the flattened (batch * seq) input
+            assert token_index is not None
             packed_embeds = None
             if inputs_embeds is not None:
                 packed_embeds = inputs_embeds.reshape(batch * seq_len, -1)[token_index]

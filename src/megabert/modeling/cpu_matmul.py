@@ -1,0 +1,97 @@
+"""bf16/fp16 matrix products on CPUs whose half-precision kernels are slower than their fp32 ones.
+
+A bf16 model on the CPU halves the memory of an fp32 one, but whether its matrix products
+are faster depends on the chip: with AMX (Sapphire Rapids and later, when the hypervisor
+exposes it) or on AMD Zen 4, bf16 GEMMs run about twice as fast as fp32; with AVX512-BF16
+alone (Cooper Lake, or Sapphire Rapids in a VM that hides AMX) they run at about half the
+fp32 speed, and without AVX512-BF16 far slower. So :func:`linear` measures, once per process
+and dtype, a bf16 (fp16) GEMM against an fp32 one of a transformer layer's shape; where fp32
+wins by more than :data:`MARGIN`, large products run in fp32 on upcast copies of the
+operands (one weight at a time, freed right after) and the result is cast back. Weights,
+activations and outputs keep the model's dtype; the products are more exact, not less.
+
+Small products (fewer than :data:`MIN_ROWS` rows) keep the half-precision kernel: there the
+upcast of the weight would cost more than the faster GEMM saves. Products under autocast,
+torch.compile or ONNX export, and tensor-parallel shards, are left alone.
+
+``MEGABERT_CPU_HALF_MATMUL=native`` always uses the half-precision kernels, ``fp32`` always
+upcasts (above MIN_ROWS), ``auto`` (default) measures.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+POLICY_ENV = "MEGABERT_CPU_HALF_MATMUL"
+POLICIES = ("auto", "native", "fp32")
+MIN_ROWS = 256  # below this the weight's upcast costs more than the faster fp32 GEMM saves
+MARGIN = 1.25  # fp32 must be this much faster before products are upcast
+_HALF = (torch.bfloat16, torch.float16)
+_decisions: dict[torch.dtype, bool] = {}
+
+
+def _policy() -> str:
+    value = os.environ.get(POLICY_ENV, "auto").strip().lower() or "auto"
+    if value not in POLICIES:
+        raise ValueError(f"{POLICY_ENV}={value!r}: choose one of {', '.join(POLICIES)}")
+    return value
+
+
+def _seconds_per_product(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> float:
+    a @ b  # warm-up (kernel selection, weight packing)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def upcast_is_faster(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices more slowly than fp32 ones (measured once, cached)."""
+    if dtype not in _HALF:
+        return False
+    policy = _policy()
+    if policy != "auto":
+        return policy == "fp32"
+    if dtype not in _decisions:
+        with torch.inference_mode():
+            a = torch.randn(512, 1024)
+            b = torch.randn(1024, 1024)
+            fp32 = _seconds_per_product(a, b)
+            half = _seconds_per_product(a.to(dtype), b.to(dtype))
+        _decisions[dtype] = half > MARGIN * fp32
+    return _decisions[dtype]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, in fp32 for large half-precision CPU products where that is faster."""
+    if (
+        x.dtype in _HALF
+        and x.device.type == "cpu"
+        and x.numel() >= MIN_ROWS * x.shape[-1]
+        and weight.dtype == x.dtype
+        and not hasattr(weight, "placements")  # DTensor shard
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not torch.onnx.is_in_onnx_export()
+        and upcast_is_faster(x.dtype)
+    ):
+        wide_bias = bias.float() if bias is not None else None
+        return F.linear(x.float(), weight.float(), wide_bias).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def linear_module(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for an ``nn.Linear``, through :func:`linear` when it is a plain one.
+
+    Any other module (an int8 quantized Linear, a Linear with tensor-parallel hooks) is called
+    as it is.
+    """
+    if type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks:
+        return linear(x, module.weight, module.bias)
+    return module(x)

@@ -1,0 +1,72 @@
+"""Half-precision CPU products in fp32 where that is faster: the policy switch and its results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megabert.modeling import cpu_matmul
+from megabert.modeling.cpu_matmul import MIN_ROWS, linear, linear_module
+
+
+def _operands(rows: int):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 64, generator=g).bfloat16()
+    w = torch.randn(48, 64, generator=g).bfloat16()
+    b = torch.randn(48, generator=g).bfloat16()
+    return x, w, b
+
+
+def test_fp32_policy_upcasts_large_products(monkeypatch):
+    monkeypatch.setenv(cpu_matmul.POLICY_ENV, "fp32")
+    x, w, b = _operands(MIN_ROWS)
+    out = linear(x, w, b)
+    assert out.dtype == torch.bfloat16
+    expected = F.linear(x.float(), w.float(), b.float()).bfloat16()
+    assert torch.equal(out, expected)
+    small, _, _ = _operands(MIN_ROWS - 1)
+    assert torch.equal(linear(small, w, b), F.linear(small, w, b))  # too small: native kernel
+
+
+def test_native_policy_and_fp32_inputs_are_untouched(monkeypatch):
+    monkeypatch.setenv(cpu_matmul.POLICY_ENV, "native")
+    x, w, b = _operands(MIN_ROWS * 2)
+    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+    monkeypatch.setenv(cpu_matmul.POLICY_ENV, "fp32")
+    xf, wf, bf = x.float(), w.float(), b.float()
+    assert torch.equal(linear(xf, wf, bf), F.linear(xf, wf, bf))
+
+
+def test_autocast_keeps_its_own_dtype(monkeypatch):
+    monkeypatch.setenv(cpu_matmul.POLICY_ENV, "fp32")
+    x, w, b = _operands(MIN_ROWS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+
+
+def test_bad_policy_is_named(monkeypatch):
+    monkeypatch.setenv(cpu_matmul.POLICY_ENV, "fast")
+    x, w, b = _operands(MIN_ROWS)
+    with pytest.raises(ValueError, match="MEGABERT_CPU_HALF_MATMUL='fast': choose one of auto, native, fp32"):
+        linear(x, w, b)
+
+
+def test_auto_policy_measures_once(monkeypatch):
+    monkeypatch.setenv(cpu_matmul.POLICY_ENV, "auto")
+    monkeypatch.setattr(cpu_matmul, "_decisions", {})
+    first = cpu_matmul.upcast_is_faster(torch.bfloat16)
+    assert cpu_matmul._decisions == {torch.bfloat16: first}
+    assert cpu_matmul.upcast_is_faster(torch.float32) is False
+
+
+def test_linear_module_defers_to_modules_with_hooks(monkeypatch):
+    monkeypatch.setenv(cpu_matmul.POLICY_ENV, "fp32")
+    x, w, b = _operands(MIN_ROWS)
+    module = torch.nn.Linear(64, 48).bfloat16()
+    with torch.no_grad():
+        module.weight.copy_(w)
+        module.bias.copy_(b)
+    assert torch.equal(linear_module(module, x), linear(x, w, b))
+    module.register_forward_hook(lambda m, args, out: out * 0)
+    assert torch.count_nonzero(linear_module(module, x)) == 0  # called as a module: the hook ran
