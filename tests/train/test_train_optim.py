@@ -150,14 +150,31 @@ def test_bad_schedule_settings(config, message):
 
 
 def test_adamw_implementation(model):
-    """torch's default (foreach) AdamW unless fused is asked for: the fused kernel does not bump the
-    weights' version counters, which caches keyed on them (the fused QKV weight) rely on."""
-    assert not build_optimizer(model, OptimizerConfig()).defaults["fused"]
-    assert build_optimizer(model, OptimizerConfig(fused=True)).defaults["fused"] is True
+    """torch's fused AdamW by default for plain tensors (one kernel per parameter); fused=False gives
+    foreach, which bumps the weights' version counters."""
+    assert build_optimizer(model, OptimizerConfig()).defaults["fused"] is True
+    assert not build_optimizer(model, OptimizerConfig(fused=False)).defaults["fused"]
     weight = model.bert.encoder.layer[0].attention.self.query.weight
-    optimizer = build_optimizer(model, OptimizerConfig())
+    optimizer = build_optimizer(model, OptimizerConfig(fused=False))
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     version = weight._version
     optimizer.step()
     assert weight._version > version
+
+
+def test_fused_and_foreach_adamw_take_the_same_steps(model):
+    """The default (fused) update equals torch's foreach AdamW with the same groups, step after step."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    fused = build_optimizer(model, OptimizerConfig(lr=1e-2, weight_decay=0.1))
+    foreach = build_optimizer(twin, OptimizerConfig(lr=1e-2, weight_decay=0.1, fused=False))
+    for step in range(3):
+        for a, b in zip(model.parameters(), twin.parameters()):
+            a.grad = torch.full_like(a, 0.1 * (step + 1)) + a.detach() * 0.01
+            b.grad = a.grad.clone()
+        fused.step()
+        foreach.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -40,11 +40,12 @@ class OptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    # torch's fused AdamW kernel (one kernel per update instead of a dozen passes over the weights).
-    # Off by default: it writes the weights without bumping their tensor version counters, so a
-    # cache keyed on them goes stale -- the model's fused-QKV weight, built in no-grad forwards
-    # (evaluation), would keep the weights of the first evaluation.
-    fused: bool = False
+    # torch's fused AdamW kernel: one pass per parameter instead of a dozen (on CPU the foreach
+    # implementation loops over the parameters, about 0.8 s a step at base size against 0.1 s).
+    # None: fused when every parameter is a plain CPU/CUDA float tensor, else foreach (DTensor
+    # shards of tensor parallelism / FSDP). The fused kernel leaves the weights' version counters
+    # alone; the model's fused-QKV cache also keys on the optimizer step count, so it stays fresh.
+    fused: bool | None = None
 
     def validate(self) -> None:
         """Raise UserError naming the bad field and its allowed range."""
@@ -126,8 +127,20 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Ad
     groups = parameter_groups(model, config.weight_decay)
     if not groups:
         raise UserError("the model has no trainable parameters (all have requires_grad=False)")
+    fused = config.fused
+    if fused is None:
+        fused = all(_fused_kernel_takes(p) for group in groups for p in group["params"])
     return torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=config.fused or None
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, fused=fused or None
+    )
+
+
+def _fused_kernel_takes(param: torch.Tensor) -> bool:
+    """Whether torch's fused AdamW handles ``param`` (a plain floating-point tensor on CPU or CUDA)."""
+    return (
+        param.device.type in ("cpu", "cuda")
+        and param.dtype.is_floating_point
+        and not hasattr(param, "placements")  # DTensor shards go through foreach
     )
 
 

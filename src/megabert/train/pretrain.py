@@ -39,6 +39,7 @@ from torch import nn
 from megabert.config import MegatronBertConfig
 from megabert.errors import UserError
 from megabert.train.checkpoint import CheckpointConfig
+from megabert.train.linear_cross_entropy import linear_cross_entropy
 from megabert.train.logging import CURVES_FILE, METRICS_FILE, MetricsConfig
 from megabert.train.optim import OptimizerConfig, ScheduleConfig
 from megabert.train.trainer import (
@@ -145,8 +146,8 @@ def check_data_vocab(prefix: str | os.PathLike, vocab_size: int, what: str = "--
 
 
 # ---------------------------------------------------------------------------------- objective
-def _masked_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """(logits at masked positions (M, vocab), their labels (M,), encoder output)."""
+def _masked_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(MLM-transformed hidden states at the masked positions (M, H), their labels (M,), encoder output)."""
     out = model.bert(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
@@ -156,7 +157,37 @@ def _masked_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple
     labels = batch["labels"]  # (B, T), -100 where not predicted
     where = labels != IGNORE_INDEX  # (B, T)
     hidden = out.last_hidden_state[where]  # (M, H): only the predicted positions
-    return model.cls.predictions(hidden), labels[where], out  # logits (M, V)
+    return model.cls.predictions.transform(hidden), labels[where], out
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """A Linear whose weights can be used directly (not sharded, no tensor-parallel hooks)."""
+    return (
+        isinstance(module, nn.Linear)
+        and not hasattr(module.weight, "placements")
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
+
+
+def masked_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int, Any]:
+    """(mean MLM cross-entropy, correct argmax predictions, predicted positions M, encoder output).
+
+    The vocabulary logits are computed only at the masked positions, and with a plain decoder
+    through :func:`~megabert.train.linear_cross_entropy.linear_cross_entropy`, which never
+    holds all of them at once. A sharded decoder (tensor parallel) runs as a module. With
+    nothing masked, the loss is a zero that keeps the graph connected.
+    """
+    hidden, targets, out = _masked_hidden(model, batch)
+    decoder = model.cls.predictions.decoder
+    count = targets.numel()
+    if count == 0:  # a zero that keeps the head's parameters in the graph
+        return decoder(hidden).sum() * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device), count, out
+    if _plain_linear(decoder):
+        result = linear_cross_entropy(hidden, decoder.weight, decoder.bias, targets)
+        return result.loss, result.correct, count, out
+    logits = decoder(hidden).float()  # (M, V); the loss needs fp32 anyway
+    return F.cross_entropy(logits, targets), (logits.detach().argmax(-1) == targets).sum(), count, out
 
 
 class PretrainingObjective:
@@ -172,14 +203,8 @@ class PretrainingObjective:
         self.binary_task = binary_task
 
     def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
-        logits, targets, out = _masked_logits(model, batch)
-        if targets.numel():
-            logits = logits.float()  # the loss needs fp32 anyway; argmax is also faster on it than on bf16
-            mlm_loss = F.cross_entropy(logits, targets)
-            mlm_acc = (logits.detach().argmax(-1) == targets).float().mean()
-        else:  # nothing masked in this micro-batch: a zero that keeps the graph connected
-            mlm_loss = logits.sum() * 0.0
-            mlm_acc = torch.zeros((), device=logits.device)
+        mlm_loss, correct, count, out = masked_lm_loss(model, batch)
+        mlm_acc = correct.float() / max(count, 1)
         metrics: dict[str, torch.Tensor] = {"mlm_loss": mlm_loss.detach(), "mlm_accuracy": mlm_acc}
         loss = mlm_loss
         if self.binary_task is not None and hasattr(model.cls, "seq_relationship"):
@@ -221,11 +246,10 @@ class PretrainingEvaluator:
             if number >= self.max_batches:
                 break
             batch = move_to_device(batch, device)
-            logits, targets, out = _masked_logits(model, batch)
-            logits = logits.float()
-            sums["mlm_loss"] += float(F.cross_entropy(logits, targets, reduction="sum"))
-            sums["mlm_correct"] += float((logits.argmax(-1) == targets).sum())
-            sums["mlm_count"] += targets.numel()
+            mlm_loss, correct, count, out = masked_lm_loss(model, batch)
+            sums["mlm_loss"] += float(mlm_loss) * count
+            sums["mlm_correct"] += float(correct)
+            sums["mlm_count"] += count
             if self.binary_task is not None and hasattr(model.cls, "seq_relationship"):
                 label = batch["next_sentence_label"]
                 predicted = model.cls.seq_relationship(out.pooler_output).argmax(-1)

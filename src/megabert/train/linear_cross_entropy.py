@@ -1,0 +1,154 @@
+"""Cross-entropy of a vocabulary projection, computed in row chunks without a (tokens, vocab) tensor.
+
+The MLM loss is ``cross_entropy(hidden @ W^T + b, targets)`` over ~15% of the tokens with a
+30k-row ``W``. Done the usual way, autograd keeps the fp32 logits, their log-softmax, and in
+backward a zero-filled gradient of the same size, each ``tokens x vocab`` (150 MB for a batch
+of 64 x 128), and runs three passes over them. Here the rows go through in chunks: for each
+chunk the logits are computed, and while they are still in cache, the log-sum-exp, the loss,
+the argmax (accuracy) and ``softmax - onehot`` (the gradient of the logits); that gradient is
+then multiplied into the gradients of the hidden states, ``W`` and ``b`` right away. The
+forward pass therefore does the backward's matrix products too, and :meth:`backward` only
+scales the stored gradients by the incoming one. The result equals the unfused loss and
+gradients up to float rounding.
+
+Matrix products run in the autocast dtype when autocast is on (as ``F.linear`` would), the
+softmax in fp32 (or fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Elements per chunk of logits: 4M fp32 = 16 MB (137 rows of a 30k vocabulary), small enough
+# for glibc's allocator to hand back the same memory chunk after chunk (it maps blocks over
+# 32 MB fresh from the kernel every time, paying a page fault per 4 KB) and large enough for
+# fast GEMMs.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_rows(vocab: int) -> int:
+    """Rows per chunk for a ``vocab``-wide projection (at least 32)."""
+    return max(32, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+@dataclass
+class LinearCrossEntropy:
+    """Mean cross-entropy over the rows, and how many rows the argmax predicts correctly."""
+
+    loss: torch.Tensor  # () fp32, differentiable w.r.t. hidden, weight and bias
+    correct: torch.Tensor  # () int64
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        compute_dtype: torch.dtype,
+        chunk_rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = hidden.shape[0]
+        need_grad = any(ctx.needs_input_grad[:3])
+        device = hidden.device
+        h = hidden.to(compute_dtype)  # (rows, H)
+        w = weight.to(compute_dtype)  # (V, H)
+        b = bias.to(compute_dtype) if bias is not None else None
+        wide = torch.promote_types(compute_dtype, torch.float32)  # softmax and accumulation: fp32 at least
+        loss_sum = torch.zeros((), dtype=wide, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        grad_hidden = grad_weight = grad_bias = None
+        if need_grad:
+            grad_hidden = torch.empty_like(h)  # (rows, H)
+            grad_weight = torch.zeros(w.shape, dtype=wide, device=device)  # (V, H)
+            grad_bias = torch.zeros(w.shape[0], dtype=wide, device=device) if b is not None else None
+        buffer = torch.empty(min(chunk_rows, rows), w.shape[0], dtype=compute_dtype, device=device)
+        with torch.autocast(device_type=device.type, enabled=False):  # dtypes are explicit here
+            for start in range(0, rows, chunk_rows):
+                end = min(start + chunk_rows, rows)
+                h_chunk = h[start:end]  # (c, H)
+                target = targets[start:end]  # (c,)
+                logits = buffer[: end - start]  # (c, V), every step below in place: no new (c, V) tensor
+                torch.addmm(b, h_chunk, w.t(), out=logits) if b is not None else torch.mm(h_chunk, w.t(), out=logits)
+                logits = logits.to(wide)
+                picked = logits.gather(1, target[:, None]).squeeze(1)  # (c,)
+                top, predicted = logits.max(dim=1)  # (c,) each
+                correct += (predicted == target).sum()
+                exp = logits.sub_(top[:, None]).exp_()  # exp(logits - max)
+                total = exp.sum(dim=1)  # (c,)
+                loss_sum += (top + total.log() - picked).sum()  # log-sum-exp minus the target's logit
+                if not need_grad:
+                    continue
+                # d(mean loss)/d(logits) = (softmax - onehot) / rows
+                probs = exp.mul_((1.0 / (total * rows))[:, None])
+                probs[torch.arange(end - start, device=device), target] -= 1.0 / rows
+                if grad_bias is not None:
+                    grad_bias += probs.sum(0)
+                probs = probs.to(compute_dtype)
+                torch.mm(probs, w, out=grad_hidden[start:end])
+                if compute_dtype == wide:
+                    grad_weight.addmm_(probs.t(), h_chunk)
+                else:
+                    grad_weight += probs.t() @ h_chunk
+        if need_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+            ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(correct)
+        return loss_sum / rows, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor):  # type: ignore[override]
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        # A loss that is backpropagated as it is (gradient 1, on the CPU where reading it costs no
+        # device sync) takes the stored gradients unscaled: no pass over a vocabulary-sized tensor.
+        unit = grad_loss.device.type == "cpu" and float(grad_loss) == 1.0
+
+        def scaled(grad: torch.Tensor | None, dtype: torch.dtype | None, needed: bool) -> torch.Tensor | None:
+            if grad is None or not needed:
+                return None
+            return (grad if unit else grad * grad_loss).to(dtype)
+
+        return (
+            scaled(grad_hidden, hidden_dtype, ctx.needs_input_grad[0]),
+            scaled(grad_weight, weight_dtype, ctx.needs_input_grad[1]),
+            scaled(grad_bias, bias_dtype, ctx.needs_input_grad[2]),
+            None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk_rows: int | None = None,
+) -> LinearCrossEntropy:
+    """``F.cross_entropy(F.linear(hidden, weight, bias), targets)`` and the argmax hit count, chunked.
+
+    hidden (rows, H), weight (V, H), bias (V,) or None, targets (rows,) in [0, V) (no ignored
+    rows: select the predicted positions first). ``rows`` must be > 0. ``chunk_rows``
+    defaults to :func:`default_chunk_rows`.
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden must be (rows, H) and targets (rows,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+    if hidden.shape[0] == 0:
+        raise ValueError("linear_cross_entropy needs at least one row")
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    loss, correct = _ChunkedLinearCrossEntropy.apply(
+        hidden, weight, bias, targets, _compute_dtype(hidden), chunk_rows
+    )
+    return LinearCrossEntropy(loss=loss, correct=correct)
