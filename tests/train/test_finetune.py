@@ -111,13 +111,18 @@ def sentence(rng: random.Random, positive: bool) -> str:
 
 
 def write_mrpc(path: Path, n: int, seed: int) -> None:
-    """MRPC-style TSV (BOM, GLUE header): label 1 when the second sentence is positive (15% noise)."""
+    """MRPC-style TSV (BOM, GLUE header): label 1 when the second sentence is positive (15% noise).
+
+    The second sentence is all sentiment words: a signal a random-init tiny model picks up in a
+    few dozen steps whatever the seed (one such word among fillers it learns only sometimes).
+    """
     rng = random.Random(seed)
     lines = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
     for i in range(n):
         y = rng.randint(0, 1)
         label = y if rng.random() > 0.15 else 1 - y
-        lines.append(f"{label}\t{i}\t{i + 1000}\t{sentence(rng, rng.random() < 0.5)}\t{sentence(rng, bool(y))}")
+        second = " ".join(rng.choice(["good", "great"] if y else ["bad", "awful"]) for _ in range(rng.randint(2, 5)))
+        lines.append(f"{label}\t{i}\t{i + 1000}\t{sentence(rng, rng.random() < 0.5)}\t{second}")
     path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode("utf-8"))
 
 
@@ -179,7 +184,13 @@ def test_sentence_pairs_glue_mrpc_through_the_cli(tiny_model, tmp_path, capsys):
     assert printed["task"] == "sequence-classification"
     for key in ("accuracy", "f1", "mcc"):
         assert printed[key] == pytest.approx(results["metrics"][key])
-    assert read_jsonl(tmp_path / "ev" / PREDICTIONS_FILE) == records
+    # The same predictions; scores to float rounding (the reloaded weights sit at other addresses,
+    # and MKL's kernels may then sum in another order).
+    again = read_jsonl(tmp_path / "ev" / PREDICTIONS_FILE)
+    assert [{k: v for k, v in r.items() if k != "score"} for r in again] == [
+        {k: v for k, v in r.items() if k != "score"} for r in records
+    ]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(again, records)) < 1e-6
 
     # predict-file ignores the labels and writes the same predictions.
     rc = cli_main(["predict-file", str(best), "--data", str(tmp_path / "dev.tsv"), "--output",
@@ -196,7 +207,9 @@ def test_single_sentences_csv_three_string_labels(tiny_model, tmp_path):
         out = ["review,sentiment"]
         for _ in range(n):
             kind = rng.choice(["pos", "neg", "neutral"])
-            text = sentence(rng, kind == "pos") if kind != "neutral" else " ".join(rng.choices(FILLER, k=4))
+            # sentiment words make up most of a pos/neg text: learnable in a few dozen steps whatever the seed
+            words = {"pos": ["good", "great"], "neg": ["bad", "awful"], "neutral": FILLER}[kind]
+            text = " ".join(rng.choices(words, k=rng.randint(3, 5)) + rng.choices(FILLER, k=1))
             out.append(f'"{text}, yes",{kind}')  # a quoted comma
         return "\n".join(out) + "\n"
 
