@@ -29,6 +29,29 @@ def test_fp32_policy_upcasts_large_products(monkeypatch):
     assert torch.equal(linear(small, w, b), F.linear(small, w, b))  # too small: native kernel
 
 
+def test_blocks_cover_every_row_and_feature(monkeypatch):
+    """With blocks smaller than the product, each block is computed once, in place, and nothing is left over."""
+    monkeypatch.setenv(cpu_matmul.POLICY_ENV, "fp32")
+    monkeypatch.setattr(cpu_matmul, "WEIGHT_BLOCK", 64 * 20)  # 20 of the 48 features per block
+    monkeypatch.setattr(cpu_matmul, "ROW_BLOCK", 64 * 30)  # 30 of the 300 rows per block
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 100, 64, generator=g).bfloat16()  # 300 rows, leading dims kept
+    w = torch.randn(48, 64, generator=g).bfloat16()
+    b = torch.randn(48, generator=g).bfloat16()
+    out = linear(x, w, b)
+    assert out.shape == (3, 100, 48)
+    assert torch.equal(out, F.linear(x.float(), w.float(), b.float()).bfloat16())
+    assert torch.equal(linear(x, w), F.linear(x.float(), w.float()).bfloat16())
+
+
+def test_recorded_products_keep_the_half_kernel(monkeypatch):
+    monkeypatch.setenv(cpu_matmul.POLICY_ENV, "fp32")
+    x, w, b = _operands(MIN_ROWS)
+    x.requires_grad_()
+    out = linear(x, w, b)
+    assert torch.equal(out, F.linear(x, w, b)) and out.requires_grad
+
+
 def test_native_policy_and_fp32_inputs_are_untouched(monkeypatch):
     monkeypatch.setenv(cpu_matmul.POLICY_ENV, "native")
     x, w, b = _operands(MIN_ROWS * 2)

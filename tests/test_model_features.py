@@ -122,10 +122,15 @@ def test_causal_lm_and_cross_attention_match_reference():
     torch.testing.assert_close(nb.logits, na.logits, atol=1e-5, rtol=0)
 
 
-def test_gradient_checkpointing_gives_equal_gradients():
+def _dropout_free_mlm() -> megabert.MegatronBertForMaskedLM:
+    """A tiny MLM in training mode without dropout: two runs of it are comparable."""
     torch.manual_seed(0)
     config = MegatronBertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = megabert.MegatronBertForMaskedLM(config).train()
+    return megabert.MegatronBertForMaskedLM(config).train()
+
+
+def test_gradient_checkpointing_gives_equal_gradients():
+    model = _dropout_free_mlm()
     ids, mask, types = padded_batch()
     labels = ids.masked_fill(mask == 0, -100)
 
@@ -341,9 +346,7 @@ def test_varlen_runs_match_reference_on_real_tokens(dtype):
 
 
 def test_varlen_runs_gradients_equal_padded_path():
-    torch.manual_seed(0)
-    config = MegatronBertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = megabert.MegatronBertForMaskedLM(config).train()
+    model = _dropout_free_mlm()
     ids, mask, types = _varlen_batch()
     labels = ids.masked_fill(mask == 0, -100)
 

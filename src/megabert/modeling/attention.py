@@ -94,10 +94,12 @@ def eager_attention(
     score_bias (batch, heads, q_len, k_len) is added before scaling (relative positions);
     head_mask broadcasts onto the weights after dropout, as in the reference.
     """
-    scores = torch.matmul(query, key.transpose(-1, -2))  # (batch, heads, q_len, k_len)
-    if score_bias is not None:
-        scores = scores + score_bias
-    scores = scores / math.sqrt(query.shape[-1])
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    if score_bias is None:
+        # scaling the queries (head_dim wide) is cheaper than scaling the scores (k_len wide)
+        scores = torch.matmul(query * scale, key.transpose(-1, -2))  # (batch, heads, q_len, k_len)
+    else:
+        scores = (torch.matmul(query, key.transpose(-1, -2)) + score_bias) * scale
     if additive_mask is not None:
         scores = scores + additive_mask
     weights = torch.softmax(scores, dim=-1)

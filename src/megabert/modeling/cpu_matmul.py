@@ -7,12 +7,15 @@ alone (Cooper Lake, or Sapphire Rapids in a VM that hides AMX) they run at about
 fp32 speed, and without AVX512-BF16 far slower. So :func:`linear` measures, once per process
 and dtype, a bf16 (fp16) GEMM against an fp32 one of a transformer layer's shape; where fp32
 wins by more than :data:`MARGIN`, large products run in fp32 on upcast copies of the
-operands (one weight at a time, freed right after) and the result is cast back. Weights,
-activations and outputs keep the model's dtype; the products are more exact, not less.
+operands, block by block (at most 16 MB of weight and 8 MB each of input and product in fp32
+at a time, so the peak memory stays near that of the half-precision model), and the results
+are cast back. Weights, activations and outputs keep the model's dtype; the products are more
+exact, not less.
 
 Small products (fewer than :data:`MIN_ROWS` rows) keep the half-precision kernel: there the
-upcast of the weight would cost more than the faster GEMM saves. Products under autocast,
-torch.compile or ONNX export, and tensor-parallel shards, are left alone.
+upcast of the weight would cost more than the faster GEMM saves. Products that autograd
+records (training a half-precision model), under autocast, torch.compile or ONNX export, and
+tensor-parallel shards, are left alone.
 
 ``MEGABERT_CPU_HALF_MATMUL=native`` always uses the half-precision kernels, ``fp32`` always
 upcasts (above MIN_ROWS), ``auto`` (default) measures.
@@ -30,6 +33,10 @@ POLICY_ENV = "MEGABERT_CPU_HALF_MATMUL"
 POLICIES = ("auto", "native", "fp32")
 MIN_ROWS = 256  # below this the weight's upcast costs more than the faster fp32 GEMM saves
 MARGIN = 1.25  # fp32 must be this much faster before products are upcast
+# fp32 elements upcast at a time: a block of the weight (16 MB: a whole 4096 x 1024 weight, so
+# that it is upcast once per call), and a block of rows of the input and of the product (8 MB each)
+WEIGHT_BLOCK = 1 << 22
+ROW_BLOCK = 1 << 21
 _HALF = (torch.bfloat16, torch.float16)
 _decisions: dict[torch.dtype, bool] = {}
 
@@ -75,15 +82,45 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and x.device.type == "cpu"
         and x.numel() >= MIN_ROWS * x.shape[-1]
         and weight.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not hasattr(weight, "placements")  # DTensor shard
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and not torch.onnx.is_in_onnx_export()
         and upcast_is_faster(x.dtype)
     ):
-        wide_bias = bias.float() if bias is not None else None
-        return F.linear(x.float(), weight.float(), wide_bias).to(x.dtype)
+        return _upcast_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear in fp32, block by block, written into a half-precision output.
+
+    The fp32 copies live one block at a time -- WEIGHT_BLOCK elements of the weight (a block of
+    output features), ROW_BLOCK of the input and of the product (a block of rows) -- so the
+    extra memory stays under ~32 MB whatever the batch.
+    """
+    k, n = x.shape[-1], weight.shape[0]
+    flat = x.reshape(-1, k)  # (rows, k)
+    rows = flat.shape[0]
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)  # (rows, n)
+    col_step = max(1, min(n, WEIGHT_BLOCK // k))  # output features per weight block
+    row_step = max(1, min(ROW_BLOCK // col_step, ROW_BLOCK // k))  # rows per input/product block
+    product = torch.empty(min(rows, row_step) * col_step, dtype=torch.float32, device=x.device)
+    for c0 in range(0, n, col_step):
+        c1 = min(c0 + col_step, n)
+        w = weight[c0:c1].float()  # (cb, k)
+        b = bias[c0:c1].float() if bias is not None else None
+        for r0 in range(0, rows, row_step):
+            r1 = min(r0 + row_step, rows)
+            block = product[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            if b is not None:
+                torch.addmm(b, flat[r0:r1].float(), w.t(), out=block)
+            else:
+                torch.mm(flat[r0:r1].float(), w.t(), out=block)
+            out[r0:r1, c0:c1].copy_(block)
+    return out.view(*x.shape[:-1], n)
 
 
 def linear_module(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

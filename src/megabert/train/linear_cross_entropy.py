@@ -71,7 +71,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = grad_weight = grad_bias = None
         if need_grad:
             grad_hidden = torch.empty_like(h)  # (rows, H)
-            grad_weight = torch.zeros(w.shape, dtype=wide, device=device)  # (V, H)
+            grad_weight = torch.empty(w.shape, dtype=wide, device=device)  # (V, H), written by the first chunk
             grad_bias = torch.zeros(w.shape[0], dtype=wide, device=device) if b is not None else None
         buffer = torch.empty(min(chunk_rows, rows), w.shape[0], dtype=compute_dtype, device=device)
         with torch.autocast(device_type=device.type, enabled=False):  # dtypes are explicit here
@@ -97,28 +97,36 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_bias += probs.sum(0)
                 probs = probs.to(compute_dtype)
                 torch.mm(probs, w, out=grad_hidden[start:end])
-                if compute_dtype == wide:
+                if start == 0:  # the first chunk writes the weight gradient, later ones add to it
+                    torch.mm(probs.t(), h_chunk, out=grad_weight) if compute_dtype == wide else \
+                        grad_weight.copy_(probs.t() @ h_chunk)
+                elif compute_dtype == wide:
                     grad_weight.addmm_(probs.t(), h_chunk)
                 else:
                     grad_weight += probs.t() @ h_chunk
-        if need_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-            ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        # The gradients are kept as attributes, not saved tensors, so that backward can let go of
+        # them: autograd may then add the tied word-embedding gradient into the returned weight
+        # gradient in place instead of allocating another vocabulary-sized tensor.
+        ctx.grads = (grad_hidden, grad_weight, grad_bias) if need_grad else None
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(correct)
         return loss_sum / rows, correct
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor):  # type: ignore[override]
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy: backward ran twice through the same loss (retain_graph is not supported)")
+        grad_hidden, grad_weight, grad_bias = ctx.grads
+        ctx.grads = None
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        # A loss that is backpropagated as it is (gradient 1, on the CPU where reading it costs no
-        # device sync) takes the stored gradients unscaled: no pass over a vocabulary-sized tensor.
+        # A loss backpropagated as it is (gradient 1, on the CPU where reading it costs no device
+        # sync) takes the stored gradients as they are; otherwise they are scaled in place.
         unit = grad_loss.device.type == "cpu" and float(grad_loss) == 1.0
 
         def scaled(grad: torch.Tensor | None, dtype: torch.dtype | None, needed: bool) -> torch.Tensor | None:
             if grad is None or not needed:
                 return None
-            return (grad if unit else grad * grad_loss).to(dtype)
+            return (grad if unit else grad.mul_(grad_loss)).to(dtype)
 
         return (
             scaled(grad_hidden, hidden_dtype, ctx.needs_input_grad[0]),

@@ -508,6 +508,16 @@ class Trainer:
         self.device = self.hooks.device or resolve_device(config.device)
         if config.precision == "fp16" and self.device.type != "cuda":
             raise UserError("fp16 training needs a CUDA device (it uses a gradient scaler); on CPU use bf16")
+        if config.precision == "bf16" and self.device.type == "cpu" and self.hooks.is_main:
+            from megabert.modeling.cpu_matmul import upcast_is_faster
+
+            if upcast_is_faster(torch.bfloat16):
+                print(
+                    "note: this CPU multiplies bf16 matrices more slowly than fp32 ones (AVX512-BF16 "
+                    "without AMX, or no bf16 instructions): bf16 autocast makes training slower here, "
+                    "fp32 (no --bf16) is faster",
+                    file=sys.stderr,
+                )
         seed_everything(config.seed + self.hooks.seed_offset())
 
         # Sharding (tensor parallel, FSDP) happens here, before the optimizer sees the parameters,
