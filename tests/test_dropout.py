@@ -60,5 +60,8 @@ def test_identity_when_off_and_module_follows_train_eval():
 
 def test_p_one_and_bfloat16():
     assert torch.count_nonzero(dropout(torch.ones(100), 1.0)) == 0  # F.dropout's behaviour
-    y = dropout(torch.ones(1000, dtype=torch.bfloat16), 0.5)
+    x = torch.ones(1000, dtype=torch.bfloat16, requires_grad=True)
+    y = dropout(x, 0.5)  # half precision: a bool mask, the scale applied as a Python float
     assert y.dtype == torch.bfloat16 and set(y.unique().tolist()) <= {0.0, 2.0}
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, (y.detach() != 0).to(torch.bfloat16) * 2)

@@ -61,7 +61,13 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         or torch.compiler.is_compiling()
     ):
         return F.dropout(x, p, training=True)
-    return _MaskedScale.apply(x, keep_mask(x.shape, p), 1.0 / (1.0 - p))
+    keep = keep_mask(x.shape, p)
+    if x.dtype in (torch.float32, torch.float64):
+        # Multiplying by a bool tensor converts it to float first, every time; a float mask of
+        # 0 / (1 / (1 - p)) is built once and serves the forward and the backward product.
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+    # half precision keeps a bool mask: a bf16 copy of the scale would be rounded (1.109 for 1.111)
+    return _MaskedScale.apply(x, keep, 1.0 / (1.0 - p))
 
 
 class Dropout(nn.Dropout):

@@ -29,7 +29,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -170,6 +170,27 @@ def _plain_linear(module: nn.Module) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _sparse_embedding_gradient(model: nn.Module, decoder: nn.Linear | None) -> Iterator[None]:
+    """While the encoder runs, let the word embeddings give a sparse gradient, when they are tied to ``decoder``.
+
+    The tied weight gets two gradients: the decoder's, dense, from the loss (first in backward),
+    and the lookup's. A dense lookup gradient is a zero-filled vocabulary x hidden tensor with a
+    few rows set (94 MB at base size, on every step); a sparse one holds only those rows and is
+    added into the decoder's, which autograd owns by then. The weight's final gradient is dense
+    either way, so the optimizer and data-parallel reducers see what they always see.
+    """
+    embedding = model.bert.get_input_embeddings()
+    if decoder is None or decoder.weight is not embedding.weight or embedding.sparse or not torch.is_grad_enabled():
+        yield
+        return
+    embedding.sparse = True
+    try:
+        yield
+    finally:
+        embedding.sparse = False
+
+
 def masked_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int, Any]:
     """(mean MLM cross-entropy, correct argmax predictions, predicted positions M, encoder output).
 
@@ -178,12 +199,14 @@ def masked_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple
     holds all of them at once. A sharded decoder (tensor parallel) runs as a module. With
     nothing masked, the loss is a zero that keeps the graph connected.
     """
-    hidden, targets, out = _masked_hidden(model, batch)
     decoder = model.cls.predictions.decoder
+    fused = _plain_linear(decoder)
+    with _sparse_embedding_gradient(model, decoder if fused else None):
+        hidden, targets, out = _masked_hidden(model, batch)
     count = targets.numel()
     if count == 0:  # a zero that keeps the head's parameters in the graph
         return decoder(hidden).sum() * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device), count, out
-    if _plain_linear(decoder):
+    if fused:
         result = linear_cross_entropy(hidden, decoder.weight, decoder.bias, targets)
         return result.loss, result.correct, count, out
     logits = decoder(hidden).float()  # (M, V); the loss needs fp32 anyway
