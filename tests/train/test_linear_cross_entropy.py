@@ -71,3 +71,36 @@ def test_bad_shapes_are_named():
         linear_cross_entropy(h, w, b, t[:9])
     with pytest.raises(ValueError, match="at least one row"):
         linear_cross_entropy(h[:0], w, b, t[:0])
+
+
+@pytest.mark.parametrize("with_loss", [True, False])
+def test_tied_lookup_and_decoder_share_one_gradient(with_loss):
+    """Lookup + loss through one SharedWeightGradient == autograd's sum of the two; padding row excluded."""
+    from megabert.train.linear_cross_entropy import SharedWeightGradient, embedding_lookup
+
+    g = torch.Generator().manual_seed(4)
+    weight = (torch.randn(50, 8, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    ids = torch.randint(0, 50, (3, 7), generator=g)
+    ids[0, :2] = 0  # padding id 0
+    targets = torch.randint(0, 50, (5,), generator=g)
+
+    def run(shared):
+        weight.grad = None
+        if shared is None:
+            embeds = F.embedding(ids, weight, padding_idx=0)
+        else:
+            embeds = embedding_lookup(ids, weight, 0, shared)
+        hidden = torch.tanh(embeds.reshape(-1, 8)[:5] * 2)  # (5, 8): depends on the lookup
+        extra = (embeds ** 2).sum() * 0.1
+        if with_loss:
+            out = (linear_cross_entropy(hidden, weight, None, targets, shared=shared).loss * 2 if shared is not None
+                   else F.cross_entropy(hidden @ weight.t(), targets) * 2)
+        else:
+            out = hidden.sum()
+        (out + extra).backward()
+        return weight.grad.clone()
+
+    expected = run(None)
+    shared = SharedWeightGradient()
+    torch.testing.assert_close(run(shared), expected, rtol=1e-10, atol=1e-12)
+    assert shared.pending is None  # handed on, nothing left behind

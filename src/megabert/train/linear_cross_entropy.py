@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # Elements per chunk of logits: 4M fp32 = 16 MB (137 rows of a 30k vocabulary), small enough
 # for glibc's allocator to hand back the same memory chunk after chunk (it maps blocks over
@@ -31,6 +32,50 @@ CHUNK_ELEMENTS = 1 << 22
 def default_chunk_rows(vocab: int) -> int:
     """Rows per chunk for a ``vocab``-wide projection (at least 32)."""
     return max(32, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+class SharedWeightGradient:
+    """One dense gradient for a weight used twice: as the decoder of :func:`linear_cross_entropy`
+    and as the table of :func:`embedding_lookup` (MLM heads tie the two).
+
+    Autograd would give the weight two vocabulary x hidden gradients -- the decoder's, and the
+    lookup's, a zero-filled table with a few rows set -- and add them into a third. With a
+    shared gradient the loss leaves its decoder gradient here (its backward runs first: the
+    lookup's output feeds the hidden states the loss reads), and the lookup's backward adds
+    its rows into that same tensor and hands it to autograd as the weight's only gradient.
+    """
+
+    def __init__(self) -> None:
+        self.pending: torch.Tensor | None = None
+
+
+class _EmbeddingLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None,  # type: ignore[override]
+                shared: SharedWeightGradient) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.padding_idx, ctx.shared, ctx.weight_shape = padding_idx, shared, (weight.shape, weight.dtype)
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (ids,) = ctx.saved_tensors
+        total, ctx.shared.pending = ctx.shared.pending, None
+        shape, dtype = ctx.weight_shape
+        if total is None:  # the loss had no vocabulary gradient to leave (nothing was predicted)
+            total = torch.zeros(shape, dtype=dtype, device=grad.device)
+        rows = grad.reshape(-1, shape[1]).to(total.dtype)  # (tokens, H)
+        flat_ids = ids.reshape(-1)
+        if ctx.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
+            rows = rows.masked_fill((flat_ids == ctx.padding_idx)[:, None], 0.0)
+        return None, total.index_add_(0, flat_ids, rows), None, None
+
+
+def embedding_lookup(
+    ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None, shared: SharedWeightGradient
+) -> torch.Tensor:
+    """``F.embedding(ids, weight, padding_idx)`` whose weight gradient joins ``shared`` (see there)."""
+    return _EmbeddingLookup.apply(ids, weight, padding_idx, shared)
 
 
 @dataclass
@@ -58,6 +103,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         compute_dtype: torch.dtype,
         chunk_rows: int,
+        shared: SharedWeightGradient | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = hidden.shape[0]
         need_grad = any(ctx.needs_input_grad[:3])
@@ -108,6 +154,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # them: autograd may then add the tied word-embedding gradient into the returned weight
         # gradient in place instead of allocating another vocabulary-sized tensor.
         ctx.grads = (grad_hidden, grad_weight, grad_bias) if need_grad else None
+        ctx.shared = shared
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(correct)
         return loss_sum / rows, correct
@@ -128,10 +175,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 return None
             return (grad if unit else grad.mul_(grad_loss)).to(dtype)
 
+        weight_grad = scaled(grad_weight, weight_dtype, ctx.needs_input_grad[1])
+        if ctx.shared is not None and weight_grad is not None:
+            ctx.shared.pending, weight_grad = weight_grad, None  # the embedding lookup hands it on
         return (
             scaled(grad_hidden, hidden_dtype, ctx.needs_input_grad[0]),
-            scaled(grad_weight, weight_dtype, ctx.needs_input_grad[1]),
+            weight_grad,
             scaled(grad_bias, bias_dtype, ctx.needs_input_grad[2]),
+            None,
             None,
             None,
             None,
@@ -144,12 +195,14 @@ def linear_cross_entropy(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     chunk_rows: int | None = None,
+    shared: SharedWeightGradient | None = None,
 ) -> LinearCrossEntropy:
     """``F.cross_entropy(F.linear(hidden, weight, bias), targets)`` and the argmax hit count, chunked.
 
     hidden (rows, H), weight (V, H), bias (V,) or None, targets (rows,) in [0, V) (no ignored
     rows: select the predicted positions first). ``rows`` must be > 0. ``chunk_rows``
-    defaults to :func:`default_chunk_rows`.
+    defaults to :func:`default_chunk_rows`. With ``shared``, the weight's gradient goes to the
+    :func:`embedding_lookup` that shares it (its output must feed ``hidden``).
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be (rows, H) and targets (rows,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
@@ -157,6 +210,6 @@ def linear_cross_entropy(
         raise ValueError("linear_cross_entropy needs at least one row")
     chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
     loss, correct = _ChunkedLinearCrossEntropy.apply(
-        hidden, weight, bias, targets, _compute_dtype(hidden), chunk_rows
+        hidden, weight, bias, targets, _compute_dtype(hidden), chunk_rows, shared
     )
     return LinearCrossEntropy(loss=loss, correct=correct)

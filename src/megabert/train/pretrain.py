@@ -29,7 +29,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -38,8 +38,9 @@ from torch import nn
 
 from megabert.config import MegatronBertConfig
 from megabert.errors import UserError
+from megabert.modeling.inputs import check_id_range
 from megabert.train.checkpoint import CheckpointConfig
-from megabert.train.linear_cross_entropy import linear_cross_entropy
+from megabert.train.linear_cross_entropy import SharedWeightGradient, embedding_lookup, linear_cross_entropy
 from megabert.train.logging import CURVES_FILE, METRICS_FILE, MetricsConfig
 from megabert.train.optim import OptimizerConfig, ScheduleConfig
 from megabert.train.trainer import (
@@ -146,12 +147,15 @@ def check_data_vocab(prefix: str | os.PathLike, vocab_size: int, what: str = "--
 
 
 # ---------------------------------------------------------------------------------- objective
-def _masked_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+def _masked_hidden(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """(MLM-transformed hidden states at the masked positions (M, H), their labels (M,), encoder output)."""
     out = model.bert(
-        input_ids=batch["input_ids"],
+        input_ids=batch["input_ids"] if inputs_embeds is None else None,
         attention_mask=batch.get("attention_mask"),
         token_type_ids=batch.get("token_type_ids"),
+        inputs_embeds=inputs_embeds,
         return_dict=True,
     )
     labels = batch["labels"]  # (B, T), -100 where not predicted
@@ -160,35 +164,14 @@ def _masked_hidden(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple
     return model.cls.predictions.transform(hidden), labels[where], out
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    """A Linear whose weights can be used directly (not sharded, no tensor-parallel hooks)."""
+def _plain(module: nn.Module, kind: type) -> bool:
+    """A module of ``kind`` whose weight can be used directly (not sharded, no tensor-parallel hooks)."""
     return (
-        isinstance(module, nn.Linear)
+        isinstance(module, kind)
         and not hasattr(module.weight, "placements")
         and not module._forward_hooks
         and not module._forward_pre_hooks
     )
-
-
-@contextlib.contextmanager
-def _sparse_embedding_gradient(model: nn.Module, decoder: nn.Linear | None) -> Iterator[None]:
-    """While the encoder runs, let the word embeddings give a sparse gradient, when they are tied to ``decoder``.
-
-    The tied weight gets two gradients: the decoder's, dense, from the loss (first in backward),
-    and the lookup's. A dense lookup gradient is a zero-filled vocabulary x hidden tensor with a
-    few rows set (94 MB at base size, on every step); a sparse one holds only those rows and is
-    added into the decoder's, which autograd owns by then. The weight's final gradient is dense
-    either way, so the optimizer and data-parallel reducers see what they always see.
-    """
-    embedding = model.bert.get_input_embeddings()
-    if decoder is None or decoder.weight is not embedding.weight or embedding.sparse or not torch.is_grad_enabled():
-        yield
-        return
-    embedding.sparse = True
-    try:
-        yield
-    finally:
-        embedding.sparse = False
 
 
 def masked_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int, Any]:
@@ -196,18 +179,33 @@ def masked_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple
 
     The vocabulary logits are computed only at the masked positions, and with a plain decoder
     through :func:`~megabert.train.linear_cross_entropy.linear_cross_entropy`, which never
-    holds all of them at once. A sharded decoder (tensor parallel) runs as a module. With
-    nothing masked, the loss is a zero that keeps the graph connected.
+    holds all of them at once; when the decoder is tied to the word embeddings, the lookup and
+    the loss share one gradient tensor (:class:`SharedWeightGradient`). A sharded decoder
+    (tensor parallel) runs as a module. With nothing masked, the loss is a zero that keeps
+    the graph connected.
     """
     decoder = model.cls.predictions.decoder
-    fused = _plain_linear(decoder)
-    with _sparse_embedding_gradient(model, decoder if fused else None):
-        hidden, targets, out = _masked_hidden(model, batch)
+    embedding = model.bert.get_input_embeddings()
+    fused = _plain(decoder, nn.Linear)
+    shared = None
+    inputs_embeds = None
+    if (
+        fused
+        and torch.is_grad_enabled()
+        and decoder.weight.requires_grad
+        and decoder.weight is embedding.weight
+        and _plain(embedding, nn.Embedding)
+    ):
+        ids = batch["input_ids"]
+        check_id_range("input_ids", ids, 0, embedding.num_embeddings, "token id", "the vocabulary")
+        shared = SharedWeightGradient()
+        inputs_embeds = embedding_lookup(ids, embedding.weight, embedding.padding_idx, shared)  # (B, T, H)
+    hidden, targets, out = _masked_hidden(model, batch, inputs_embeds)
     count = targets.numel()
     if count == 0:  # a zero that keeps the head's parameters in the graph
         return decoder(hidden).sum() * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device), count, out
     if fused:
-        result = linear_cross_entropy(hidden, decoder.weight, decoder.bias, targets)
+        result = linear_cross_entropy(hidden, decoder.weight, decoder.bias, targets, shared=shared)
         return result.loss, result.correct, count, out
     logits = decoder(hidden).float()  # (M, V); the loss needs fp32 anyway
     return F.cross_entropy(logits, targets), (logits.detach().argmax(-1) == targets).sum(), count, out
