@@ -160,6 +160,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--log-every", type=int, default=10, metavar="N", help="steps between train records")
     run_group.add_argument("--plot", action="store_true", help="draw curves.png (needs matplotlib)")
     run_group.add_argument("--quiet", action="store_true", help="no progress bars")
+    from megabert.train.allocator import add_memory_argument
+
+    add_memory_argument(run_group)  # --release-memory
     from megabert.train.parallel import add_parallel_arguments
 
     add_parallel_arguments(p)  # --tensor-parallel, --data-parallel, --replicate-vocab, timeouts

@@ -94,6 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--log-every", type=int, default=10, metavar="N", help="steps between metric records")
     run_group.add_argument("--max-minutes", type=float, metavar="M", help="stop (with a checkpoint) after M minutes")
     run_group.add_argument("--quiet", action="store_true", help="no progress bar")
+    from megabert.train.allocator import add_memory_argument
+
+    add_memory_argument(run_group)  # --release-memory
     from megabert.train.parallel import add_parallel_arguments
 
     add_parallel_arguments(p)  # --tensor-parallel, --data-parallel, --replicate-vocab, timeouts

@@ -899,10 +899,15 @@ def _resolve_rank_device(spec: str, local_rank: int) -> torch.device:
 def run_on_every_rank(args: Any, job: Callable[[Any], T], report: Callable[[T], int]) -> int:
     """Run ``job(hooks)`` on this rank (one process without torchrun), then ``report`` on rank 0.
 
-    The shared body of the training commands: set up the process group from the arguments,
-    run under the fault guard, and leave the group. When the job fails, leaving must not
+    The shared body of the training commands: keep freed memory for reuse (unless
+    ``--release-memory``), set up the process group from the arguments, run under the fault
+    guard, and leave the group. When the job fails, leaving must not
     replace the error the user needs to see (the peers may already be gone).
     """
+    if not getattr(args, "release_memory", True):
+        from megabert.train.allocator import keep_freed_memory
+
+        keep_freed_memory()  # no page faults re-mapping each step's large tensors (see there)
     ctx = setup_parallel(args)  # a single process without torchrun; a (dp, tp) mesh under it
     try:
         with ctx.guard():
