@@ -93,3 +93,50 @@ def test_linear_module_defers_to_modules_with_hooks(monkeypatch):
     assert torch.equal(linear_module(module, x), linear(x, w, b))
     module.register_forward_hook(lambda m, args, out: out * 0)
     assert torch.count_nonzero(linear_module(module, x)) == 0  # called as a module: the hook ran
+
+
+def _fp32_layer(rows: int):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, 64, generator=g, requires_grad=True)
+    w = torch.randn(48, 64, generator=g, requires_grad=True)
+    b = torch.randn(48, generator=g, requires_grad=True)
+    grad = torch.randn(rows, 48, generator=g).bfloat16()
+    return x, w, b, grad
+
+
+def test_autocast_with_fp32_weights_multiplies_in_fp32(monkeypatch):
+    """--bf16 training on a CPU with slow bf16 GEMMs: autocast's roundings, fp32 products, fp32 master gradients."""
+    monkeypatch.setenv(cpu_matmul.POLICY_ENV, "fp32")
+    x, w, b, grad = _fp32_layer(MIN_ROWS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(x, w, b)
+    assert out.dtype == torch.bfloat16  # what autocast's linear returns
+    x_half = x.detach().bfloat16().float()  # the input as autocast rounds it
+    assert torch.equal(out, F.linear(x_half, w.detach(), b.detach()).bfloat16())
+    out.backward(grad)
+    g = grad.float()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, g @ w.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, g.t() @ x_half, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b.grad, g.sum(0), rtol=1e-6, atol=1e-6)
+
+
+def test_autocast_native_policy_and_small_products_keep_autocast(monkeypatch):
+    for policy, rows in (("native", MIN_ROWS), ("fp32", MIN_ROWS - 1)):
+        monkeypatch.setenv(cpu_matmul.POLICY_ENV, policy)
+        x, w, b, _ = _fp32_layer(rows)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = linear(x, w, b)
+            expected = F.linear(x, w, b)
+        assert torch.equal(out, expected) and type(out.grad_fn) is type(expected.grad_fn)
+
+
+def test_auto_policy_measures_fp32_even_under_autocast(monkeypatch):
+    """The probe must time a real fp32 product: under autocast ``a @ b`` would run in bf16."""
+    monkeypatch.setenv(cpu_matmul.POLICY_ENV, "auto")
+    monkeypatch.setattr(cpu_matmul, "_decisions", {})
+    timed = []
+    monkeypatch.setattr(cpu_matmul, "_seconds_per_product", lambda a, b: timed.append((a @ b).dtype) or 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cpu_matmul.upcast_is_faster(torch.bfloat16)
+    assert timed == [torch.float32, torch.bfloat16]

@@ -13,9 +13,12 @@ are cast back. Weights, activations and outputs keep the model's dtype; the prod
 exact, not less.
 
 Small products (fewer than :data:`MIN_ROWS` rows) keep the half-precision kernel: there the
-upcast of the weight would cost more than the faster GEMM saves. Products that autograd
-records (training a half-precision model), under autocast, torch.compile or ONNX export, and
-tensor-parallel shards, are left alone.
+upcast of the weight would cost more than the faster GEMM saves. Under half-precision autocast
+with fp32 weights (``--bf16`` training), large products take the same decision: the input is
+rounded to bf16 and saved as autocast would, the output is bf16, and the products of forward
+and backward run in fp32 against the fp32 weight. Products that autograd records on a
+half-precision model, under torch.compile or ONNX export, and tensor-parallel shards, are left
+alone.
 
 ``MEGABERT_CPU_HALF_MATMUL=native`` always uses the half-precision kernels, ``fp32`` always
 upcasts (above MIN_ROWS), ``auto`` (default) measures.
@@ -66,7 +69,8 @@ def upcast_is_faster(dtype: torch.dtype) -> bool:
     if policy != "auto":
         return policy == "fp32"
     if dtype not in _decisions:
-        with torch.inference_mode():
+        # Autocast off: under it the "fp32" product would run in the autocast dtype too.
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
             a = torch.randn(512, 1024)
             b = torch.randn(1024, 1024)
             fp32 = _seconds_per_product(a, b)
@@ -91,7 +95,55 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and upcast_is_faster(x.dtype)
     ):
         return _upcast_linear(x, weight, bias)
+    if _autocast_upcast_applies(x, weight, bias):
+        return _AutocastLinearInFp32.apply(x, weight, bias, torch.get_autocast_dtype("cpu"))
     return F.linear(x, weight, bias)
+
+
+def _autocast_upcast_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """A large product under CPU half-precision autocast, fp32 master weights, where fp32 GEMMs are faster."""
+    if not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
+        return False
+    dtype = torch.get_autocast_dtype("cpu")
+    return (
+        dtype in _HALF
+        and weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and x.dtype in (torch.float32, dtype)
+        and x.numel() >= MIN_ROWS * x.shape[-1]
+        and not hasattr(weight, "placements")  # DTensor shard
+        and not torch.compiler.is_compiling()
+        and not torch.onnx.is_in_onnx_export()
+        and upcast_is_faster(dtype)
+    )
+
+
+class _AutocastLinearInFp32(torch.autograd.Function):
+    """What autocast's linear gives -- input rounded to the half dtype and kept so for backward,
+    a half-precision output -- with the products of forward and backward in fp32 against the
+    fp32 master weight. Used where half-precision GEMMs are slower than fp32 ones; the
+    results are more exact than autocast's, and the saved activation is as small.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                dtype: torch.dtype) -> torch.Tensor:
+        x_half = x.to(dtype)  # (..., k): what autocast would multiply and save
+        ctx.save_for_backward(x_half, weight)
+        ctx.has_bias, ctx.x_dtype = bias is not None, x.dtype
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(x_half.float(), weight, bias).to(dtype)  # (..., n)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x_half, weight = ctx.saved_tensors
+        k, n = weight.shape[1], weight.shape[0]
+        with torch.autocast("cpu", enabled=False):
+            g = grad.reshape(-1, n).float()  # (rows, n)
+            grad_x = (g @ weight).to(ctx.x_dtype).view(*grad.shape[:-1], k) if ctx.needs_input_grad[0] else None
+            grad_w = g.t() @ x_half.reshape(-1, k).float() if ctx.needs_input_grad[1] else None  # (n, k) fp32
+            grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
 
 
 def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

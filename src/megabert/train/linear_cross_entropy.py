@@ -11,8 +11,8 @@ forward pass therefore does the backward's matrix products too, and :meth:`backw
 scales the stored gradients by the incoming one. The result equals the unfused loss and
 gradients up to float rounding.
 
-Matrix products run in the autocast dtype when autocast is on (as ``F.linear`` would), the
-softmax in fp32 (or fp64 for fp64 inputs).
+Matrix products run in the autocast dtype when autocast is on (as ``F.linear`` would; in fp32
+on a CPU whose half-precision GEMMs are slower), the softmax in fp32 (or fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from megabert.modeling.cpu_matmul import upcast_is_faster
 
 # Elements per chunk of logits: 4M fp32 = 16 MB (137 rows of a 30k vocabulary), small enough
 # for glibc's allocator to hand back the same memory chunk after chunk (it maps blocks over
@@ -89,7 +91,10 @@ class LinearCrossEntropy:
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
+        dtype = torch.get_autocast_dtype(device)
+        # On a CPU whose half-precision GEMMs are slower than fp32 ones, the products stay fp32
+        # (as megabert.modeling.cpu_matmul does for the layers' products under autocast).
+        return torch.float32 if device == "cpu" and upcast_is_faster(dtype) else dtype
     return hidden.dtype
 
 

@@ -514,8 +514,8 @@ class Trainer:
             if upcast_is_faster(torch.bfloat16):
                 print(
                     "note: this CPU multiplies bf16 matrices more slowly than fp32 ones (AVX512-BF16 "
-                    "without AMX, or no bf16 instructions): bf16 autocast makes training slower here, "
-                    "fp32 (no --bf16) is faster",
+                    "without AMX, or no bf16 instructions): the large products run in fp32 here, so "
+                    "--bf16 saves activation memory but not time; fp32 (no --bf16) is as fast or faster",
                     file=sys.stderr,
                 )
         seed_everything(config.seed + self.hooks.seed_offset())
