@@ -81,41 +81,40 @@ def upcast_is_faster(dtype: torch.dtype) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, in fp32 for large half-precision CPU products where that is faster."""
-    if (
-        x.dtype in _HALF
-        and x.device.type == "cpu"
-        and x.numel() >= MIN_ROWS * x.shape[-1]
-        and weight.dtype == x.dtype
-        and (bias is None or bias.dtype == x.dtype)
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not hasattr(weight, "placements")  # DTensor shard
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and not torch.onnx.is_in_onnx_export()
-        and upcast_is_faster(x.dtype)
-    ):
-        return _upcast_linear(x, weight, bias)
-    if _autocast_upcast_applies(x, weight, bias):
-        return _AutocastLinearInFp32.apply(x, weight, bias, torch.get_autocast_dtype("cpu"))
+    if _large_plain_cpu_product(x, weight):
+        if torch.is_autocast_enabled("cpu"):
+            # autocast with fp32 master weights (training): its roundings, fp32 products
+            dtype = torch.get_autocast_dtype("cpu")
+            if (
+                dtype in _HALF
+                and x.dtype in (torch.float32, dtype)
+                and _all_dtype(torch.float32, weight, bias)
+                and upcast_is_faster(dtype)
+            ):
+                return _AutocastLinearInFp32.apply(x, weight, bias, dtype)
+        elif (
+            x.dtype in _HALF
+            and _all_dtype(x.dtype, weight, bias)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and upcast_is_faster(x.dtype)
+        ):  # a half-precision model, product not recorded by autograd (inference)
+            return _upcast_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-def _autocast_upcast_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """A large product under CPU half-precision autocast, fp32 master weights, where fp32 GEMMs are faster."""
-    if not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")):
-        return False
-    dtype = torch.get_autocast_dtype("cpu")
-    return (
-        dtype in _HALF
-        and weight.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
-        and x.dtype in (torch.float32, dtype)
-        and x.numel() >= MIN_ROWS * x.shape[-1]
-        and not hasattr(weight, "placements")  # DTensor shard
+def _large_plain_cpu_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A CPU product of at least MIN_ROWS rows, outside tracing/export, on a whole (not DTensor) weight."""
+    return (  # tracing checks first: a size comparison would otherwise become a guard of the graph
+        x.device.type == "cpu"
         and not torch.compiler.is_compiling()
         and not torch.onnx.is_in_onnx_export()
-        and upcast_is_faster(dtype)
+        and not hasattr(weight, "placements")  # DTensor shard
+        and x.numel() >= MIN_ROWS * x.shape[-1]
     )
+
+
+def _all_dtype(dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return weight.dtype == dtype and (bias is None or bias.dtype == dtype)
 
 
 class _AutocastLinearInFp32(torch.autograd.Function):
