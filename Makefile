@@ -2,10 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# A second environment with transformers 5.x, for the parity tests against the newer reference.
+VENV5 ?= .venv-tf5
+PY5 := $(VENV5)/bin/python
 # The CPU build of torch; a bare `pip install torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup setup-tf5 demo test test-tf5 test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +19,25 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+$(VENV5)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV5)
+	$(PY5) -m pip install -q --upgrade pip
+	$(PY5) -m pip install -q "$(TORCH_SPEC)"
+	$(PY5) -m pip install -q -e ".[test-tf5]"
+	touch $@
+
+setup-tf5: $(VENV5)/.installed
+
 demo: setup
 	$(PY) -m megabert.demo
 
-test: setup
+# The whole suite beside transformers 4.37.2, then the `reference` tests beside transformers 5.x.
+test: setup setup-tf5
 	$(PY) -m pytest -q -m "not slow"
+	$(PY5) -m pytest -q -m "reference and not slow"
+
+test-tf5: setup-tf5
+	$(PY5) -m pytest -q -m "reference and not slow"
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
@@ -29,4 +46,4 @@ bench: setup
 	$(PY) benchmarks/inference.py --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VENV5) build *.egg-info src/*.egg-info

@@ -25,6 +25,9 @@ from megabert.data.features import (
 from megabert.data.tasks import Answer, ChoiceExample, QAExample, SequenceExample, TokenExample
 from megabert.errors import UserError
 from megabert.inference.qa_decoding import answer_texts, decode_example, decode_predictions
+from tests.reference import only_v4, reference_tokenizer
+
+pytestmark = pytest.mark.reference
 
 VOCAB = (
     "[PAD] [UNK] [CLS] [SEP] [MASK] . , ? ' - ! the a cat sat on mat dog ran in park who what where when"
@@ -40,9 +43,7 @@ def tokenizer(request, tmp_path_factory):
     if request.param == "megabert":
         tokenization = pytest.importorskip("megabert.tokenization")
         return tokenization.MegatronBertTokenizer.from_pretrained(vocab, lowercase=True)
-    from transformers import BertTokenizerFast
-
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    return reference_tokenizer(vocab, do_lower_case=True)
 
 
 def ids(tokenizer, tokens: str) -> list[int]:
@@ -144,7 +145,7 @@ def test_token_word_ids_match_transformers_split_words(tokenizer, tmp_path):
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(VOCAB) + "\n")
-    reference = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    reference = reference_tokenizer(vocab, do_lower_case=True)
     sentences = [
         ("Zurich", "hyperparameters", "won", "1990-born", "?"),  # pieces, and a word holding punctuation
         ("Xylophone", "cat", "'s", "mat"),  # an unknown word is one [UNK] piece
@@ -295,6 +296,7 @@ def synthetic_window(seq: int, context: range) -> tuple[QAWindow, str]:
     return QAWindow(0, offsets, [t if t in context else None for t in range(seq)]), "x" * seq
 
 
+@only_v4("the question-answering pipeline")
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_decoding_matches_transformers_select_starts_ends(seed):
     from transformers.pipelines.question_answering import select_starts_ends
@@ -364,13 +366,14 @@ def test_decode_predictions_groups_windows(tokenizer):
         decode_predictions([ex], fs.meta, start[:1], end[:1])
 
 
+@only_v4("the question-answering pipeline")
 def test_qa_pipeline_parity(tokenizer, tmp_path):
     """Our windows + decoding give transformers' question-answering pipeline answers and scores."""
     from transformers import BertTokenizerFast, MegatronBertConfig, MegatronBertForQuestionAnswering, pipeline
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(VOCAB) + "\n")
-    hf_tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    hf_tokenizer = reference_tokenizer(vocab, do_lower_case=True)
     torch.manual_seed(0)
     config = MegatronBertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=37, max_position_embeddings=64)  # fmt: skip

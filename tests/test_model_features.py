@@ -9,6 +9,9 @@ import transformers
 import megabert
 from megabert import MegatronBertConfig
 from tests.conftest import TINY, padded_batch
+from tests.reference import only_v4
+
+pytestmark = pytest.mark.reference
 
 
 def _pair(name: str, **overrides):
@@ -20,6 +23,7 @@ def _pair(name: str, **overrides):
     return ref, ours
 
 
+@only_v4("relative position embeddings")
 @pytest.mark.parametrize("kind", ["relative_key", "relative_key_query"])
 def test_relative_positions_match_reference(kind):
     ref, ours = _pair("MegatronBertForMaskedLM", position_embedding_type=kind)
@@ -50,6 +54,7 @@ def test_relative_positions_by_hand():
     torch.testing.assert_close(out.attentions[0][0, 0], expected, atol=1e-6, rtol=0)
 
 
+@only_v4("head masks")
 @pytest.mark.parametrize("shape", ["per_head", "per_layer"])
 def test_head_mask_matches_reference_and_zeroes_heads(shape):
     ref, ours = _pair("MegatronBertModel")
@@ -101,6 +106,7 @@ def test_kv_cache_decoding_equals_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
+@only_v4("working cross-attention over an encoder of another length (its reshape fails)")
 def test_causal_lm_and_cross_attention_match_reference():
     ref, ours = _pair("MegatronBertForCausalLM", is_decoder=True, add_cross_attention=True)
     ids, mask, types = padded_batch()

@@ -1,7 +1,9 @@
-"""Parity with `transformers` 4.37 for all nine classes: outputs, losses and gradients within 1e-5.
+"""Parity with `transformers` (4.37.2 and 5.x) for all nine classes: outputs, losses and gradients within 1e-5.
 
 The reference model is built and saved by `transformers`; ours is loaded from that folder
-through our own loader, so the test covers the checkpoint layout as well as the math.
+through our own loader, so the test covers the checkpoint layout as well as the math. The
+exact tests load with ``unpad_inputs=False`` (the reference's values at every position); the
+default load (unpadded in eval mode) is checked on real tokens, where it must agree too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import transformers
 
 import megabert
 from tests.conftest import TINY, padded_batch
+from tests.reference import legacy_cache, to_tuple
+
+pytestmark = pytest.mark.reference
 
 CLASSES = [
     "MegatronBertModel",
@@ -63,13 +68,22 @@ def _config_kwargs(name: str) -> dict:
     return kwargs
 
 
-def _compare(ref, ours, path: str = "output") -> None:
+def _compare(ref, ours, path: str = "output", keep: torch.Tensor | None = None) -> None:
+    """ref == ours within ATOL, recursively; ``keep`` (batch, seq): compare those positions only."""
+    if not isinstance(ref, (torch.Tensor, tuple, list)):
+        ref = legacy_cache(ref)  # a transformers 5.x Cache object
     if isinstance(ref, (tuple, list)):
         assert len(ref) == len(ours), path
         for i, (a, b) in enumerate(zip(ref, ours)):
-            _compare(a, b, f"{path}[{i}]")
+            _compare(a, b, f"{path}[{i}]", keep)
         return
     assert ref.shape == ours.shape, f"{path}: {ref.shape} vs {ours.shape}"
+    if keep is not None:
+        rows = keep.reshape(-1, keep.shape[-1])  # multiple choice: (batch * choices, seq)
+        for positions in (keep, rows):
+            if ref.shape[: positions.dim()] == positions.shape:
+                ref, ours = ref[positions], ours[positions]
+                break
     torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0, msg=lambda m: f"{path}: {m}")
 
 
@@ -91,7 +105,7 @@ def saved_references(tmp_path_factory):
 def test_outputs_losses_and_gradients_match_reference(name, attn, saved_references):
     folder = saved_references[name]
     ref = getattr(transformers, name).from_pretrained(folder).eval()
-    ours = getattr(megabert, name).from_pretrained(folder, attn_implementation=attn).eval()
+    ours = getattr(megabert, name).from_pretrained(folder, attn_implementation=attn, unpad_inputs=False).eval()
     inputs = _inputs(name)
     want_attn = attn == "eager"  # attention weights force the eager path; sdpa runs without them
     ref_out = ref(**inputs, output_hidden_states=True, output_attentions=want_attn)
@@ -111,11 +125,36 @@ def test_outputs_losses_and_gradients_match_reference(name, attn, saved_referenc
             torch.testing.assert_close(our_grads[pname], grad, atol=ATOL, rtol=0, msg=lambda m: f"grad {pname}: {m}")
 
 
+@pytest.mark.parametrize("name", CLASSES)
+def test_unpadded_inference_is_equal_on_real_tokens(name, saved_references):
+    """unpad_inputs=None runs padded batches unpadded in eval mode: the reference's values at
+    every real token, zeros at pads; losses equal but for QA's (pads left out of its softmax)."""
+    folder = saved_references[name]
+    ref = getattr(transformers, name).from_pretrained(folder).eval()
+    ours = getattr(megabert, name).from_pretrained(folder).eval()
+    ours.config.unpad_inputs = None  # unpadded in eval mode, padded in training mode
+    inputs = _inputs(name)
+    keep = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        ref_out = ref(**inputs, output_hidden_states=True)
+        our_out = ours(**inputs, output_hidden_states=True)
+    assert list(our_out.keys()) == list(ref_out.keys())
+    for key in ref_out.keys():
+        if key == "loss" and name == "MegatronBertForQuestionAnswering":
+            continue  # pads are left out of the start/end softmax when unpadded
+        if key == "past_key_values":
+            continue  # decoders never unpad (their mask is causal)
+        _compare(ref_out[key], our_out[key], key, keep)
+    if name != "MegatronBertForCausalLM":
+        hidden = our_out.hidden_states[-1]  # (batch [* choices], seq, hidden)
+        assert torch.count_nonzero(hidden[~keep.reshape(hidden.shape[:2])]) == 0, "pad positions of an unpadded run are zero"
+
+
 @pytest.mark.parametrize("name", ["MegatronBertModel", "MegatronBertForPreTraining", "MegatronBertForQuestionAnswering"])
 def test_return_dict_false_gives_reference_tuple(name, saved_references):
     folder = saved_references[name]
     ref = getattr(transformers, name).from_pretrained(folder).eval()
-    ours = getattr(megabert, name).from_pretrained(folder).eval()
+    ours = getattr(megabert, name).from_pretrained(folder, unpad_inputs=False).eval()
     inputs = _inputs(name)
     ref_out = ref(**inputs, output_hidden_states=True, return_dict=False)
     our_out = ours(**inputs, output_hidden_states=True, return_dict=False)
@@ -129,7 +168,7 @@ def test_return_dict_false_gives_reference_tuple(name, saved_references):
 
 def test_saved_by_us_loads_in_transformers_identically(tmp_path, saved_references):
     for name in CLASSES:
-        ours = getattr(megabert, name).from_pretrained(saved_references[name]).eval()
+        ours = getattr(megabert, name).from_pretrained(saved_references[name], unpad_inputs=False).eval()
         ours.save_pretrained(tmp_path / name)
         auto = {
             "MegatronBertModel": transformers.AutoModel,
@@ -146,7 +185,7 @@ def test_saved_by_us_loads_in_transformers_identically(tmp_path, saved_reference
         assert type(ref).__name__ == name
         assert not info["missing_keys"] and not info["unexpected_keys"], (name, info)
         inputs = {k: v for k, v in _inputs(name).items() if "label" not in k and "positions" not in k}
-        _compare(ref.eval()(**inputs).to_tuple(), ours(**inputs).to_tuple(), name)
+        _compare(to_tuple(ref.eval()(**inputs)), ours(**inputs).to_tuple(), name)
 
 
 def test_round_trip_ours_hf_ours_is_bit_exact(tmp_path, saved_references):

@@ -21,6 +21,10 @@ from megabert.tokenization import (
 transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, BertTokenizerFast  # noqa: E402
 
+from tests.reference import V5, reference_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.reference
+
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 # Call options to compare on single texts (and on pairs, with PAIR_CASES added).
@@ -133,7 +137,7 @@ def tiny_pair(tmp_path_factory):
     """(ours, reference) over the same tiny uncased vocab.txt."""
     folder = tmp_path_factory.mktemp("tiny_vocab")
     vocab = write_lines(folder / "vocab.txt", tiny_uncased_vocab())
-    return MegatronBertTokenizer.from_pretrained(vocab, lowercase=True), BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    return MegatronBertTokenizer.from_pretrained(vocab, lowercase=True), reference_tokenizer(vocab, do_lower_case=True)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +166,7 @@ def real_uncased():
         pytest.skip("../shared/data is not beside this checkout")
     vocab = root / "vocab" / "bert-uncased"
     ours = MegatronBertTokenizer.from_pretrained(vocab)  # the folder: its tokenizer.json (padding/truncation on)
-    ref = BertTokenizerFast(vocab_file=str(vocab / "vocab.txt"), do_lower_case=True)
+    ref = reference_tokenizer(vocab / "vocab.txt", do_lower_case=True)
     return ours, ref, root
 
 
@@ -358,7 +362,7 @@ def test_loading_folder_variants_and_casing(tiny_pair, tmp_path):
     assert detected.lowercase is False and detected.tokenize("Hello Über Café") == ["Hello", "Über", "Café"]
     forced = MegatronBertTokenizer.from_pretrained(bare, lowercase=True)
     assert forced.tokenize("Hello Über Café") == ["hello", "uber", "cafe"]
-    ref = BertTokenizerFast(vocab_file=str(bare), do_lower_case=False)
+    ref = reference_tokenizer(bare, do_lower_case=False)
     compare_calls(detected, ref, ["Hello World", "Über Café é", "hello UBER"])
 
     # vocab.txt + tokenizer_config.json (no tokenizer.json): the config's do_lower_case and max length rule
@@ -401,7 +405,7 @@ def test_train_cased_vocab_layout_and_parity(cased_trained):
     assert ours.lowercase is False and ours.tokenize("Zoë")[0].startswith("Z")
 
     texts = cased_training_lines(40)[::3] + ODD_TEXTS + ["[unused0] never appears as one token"]
-    ref = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=False)
+    ref = reference_tokenizer(folder / "vocab.txt", do_lower_case=False)
     compare_calls(ours, ref, texts, list(reversed(texts)))
     auto = AutoTokenizer.from_pretrained(str(folder))
     compare_calls(ours, auto, texts, list(reversed(texts)))

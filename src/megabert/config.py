@@ -32,6 +32,8 @@ ACTIVATION_NAMES = (
 POSITION_EMBEDDING_TYPES = ("absolute", "relative_key", "relative_key_query")
 # Fields that choose how the model runs here, not what it is: kept out of config.json.
 RUNTIME_FIELDS = ("attn_implementation", "unpad_inputs")
+# Weight dtypes a config.json may record ("dtype" / "torch_dtype").
+SAVED_DTYPES = ("float32", "float16", "bfloat16", "float64")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 # Keys `transformers` writes that describe the file, not the model: read, not kept as fields.
@@ -74,18 +76,26 @@ class MegatronBertConfig:
     output_hidden_states: bool = False
     return_dict: bool = True
     architectures: list[str] | None = None
+    # The dtype the weights were saved in ("float32", "bfloat16", ...). transformers 4.x writes
+    # it as "torch_dtype", 5.x as "dtype": both are read, and both are written.
     torch_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     # Which attention code runs: "sdpa" (default) or "eager"; not written to config.json.
     attn_implementation: str | None = None
     # Drop padding tokens after the embeddings and compute real tokens only (fast; outputs at
-    # pad positions are then zero instead of the reference's values). Not written to config.json.
-    unpad_inputs: bool = False
+    # pad positions are then zero instead of the reference's values). None: unpad in eval mode,
+    # where nobody reads pad positions, and run padded in training mode, where the losses then
+    # equal the reference's. True / False: always / never. Not written to config.json.
+    unpad_inputs: bool | None = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __init__(self, **kwargs: Any) -> None:
         known = {f.name for f in fields(self)} - {"extra"}
+        # transformers 5.x's name for torch_dtype; an explicit torch_dtype wins.
+        saved_dtype = kwargs.pop("dtype", None)
+        if kwargs.get("torch_dtype") is None and saved_dtype is not None:
+            kwargs["torch_dtype"] = saved_dtype
         for f in fields(self):
             if f.name == "extra":
                 continue
@@ -166,6 +176,16 @@ class MegatronBertConfig:
             )
         if self.add_cross_attention and not self.is_decoder:
             raise ValueError("config.add_cross_attention=True needs config.is_decoder=True")
+        if self.torch_dtype is not None:
+            # A torch.dtype or "torch.bfloat16" is kept as the bare name config.json holds.
+            self.torch_dtype = str(self.torch_dtype).removeprefix("torch.")
+            if self.torch_dtype not in SAVED_DTYPES:
+                raise ValueError(
+                    f"config dtype {self.torch_dtype!r} is not a floating-point torch dtype; "
+                    f"expected one of {', '.join(SAVED_DTYPES)}"
+                )
+        if self.unpad_inputs not in (None, True, False):
+            raise ValueError(f"unpad_inputs must be True, False or None (auto), got {self.unpad_inputs!r}")
         if self.attn_implementation not in (None, "sdpa", "eager"):
             raise ValueError(
                 f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}"
@@ -179,6 +199,10 @@ class MegatronBertConfig:
     @property
     def use_return_dict(self) -> bool:
         return self.return_dict
+
+    def unpads(self, training: bool) -> bool:
+        """Whether padded batches run on real tokens only, for a model in ``training`` mode."""
+        return (not training) if self.unpad_inputs is None else bool(self.unpad_inputs)
 
     def __getattr__(self, name: str) -> Any:
         # Unknown keys from a config.json stay reachable as attributes, as in `transformers`.
@@ -213,6 +237,7 @@ class MegatronBertConfig:
         else:
             out.update(self.extra)
             out["model_type"] = MODEL_TYPE
+            out["dtype"] = out["torch_dtype"]  # the key transformers 5.x reads
         return out
 
     def to_json_string(self) -> str:

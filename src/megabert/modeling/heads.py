@@ -504,7 +504,7 @@ class MegatronBertForQuestionAnswering(MegatronBertPreTrainedModel):
         start_logits, end_logits = logits.split(1, dim=-1)
         start_logits = start_logits.squeeze(-1).contiguous()  # (batch, seq)
         end_logits = end_logits.squeeze(-1).contiguous()
-        if self.config.unpad_inputs and attention_mask is not None:
+        if self.config.unpads(self.training) and attention_mask is not None:
             # Unpadded runs have no real values at pad positions: keep them out of the softmax.
             # (The padded path, like the reference, lets pads take part.)
             pads = attention_mask == 0

@@ -3,7 +3,8 @@
 The forward pass decides once how attention runs (see :class:`AttentionPlan`):
 
 - ``eager`` when attention weights, a head mask or relative positions are asked for;
-- ``varlen`` (unpadded) when the batch has padding and ``config.unpad_inputs`` is on: pad
+- ``varlen`` (unpadded) when the batch has padding and ``config.unpad_inputs`` is on (None:
+  in eval mode only): pad
   tokens are dropped after the embeddings, every Linear/LayerNorm/MLP runs on real tokens
   only, and the padding is put back once at the end (outputs at pad positions are zero);
 - ``sdpa`` otherwise (PyTorch's fused attention), which gives the reference's values at
@@ -135,7 +136,7 @@ class MegatronBertModel(MegatronBertPreTrainedModel):
         if bool(keep.all()):
             return AttentionPlan(mode)
         lengths = keep.sum(dim=1)
-        if self.config.unpad_inputs and not need_eager and bool((lengths > 0).all()):
+        if self.config.unpads(self.training) and not need_eager and bool((lengths > 0).all()):
             return varlen_plan(keep, lengths)
         return AttentionPlan(mode, additive_mask_from(attention_mask[:, None, None, :], dtype))
 

@@ -213,7 +213,9 @@ class MegatronBertPreTrainedModel(nn.Module):
 
         ``dtype``: e.g. ``torch.bfloat16`` or ``"auto"`` (the dtype the folder records);
         ``device``: where the weights go; ``attn_implementation``: "sdpa" (default) or "eager";
-        ``unpad_inputs``: run padded batches on real tokens only (see MegatronBertModel).
+        ``unpad_inputs``: run padded batches on real tokens only (outputs at pad positions are
+        then zeros); None does so in eval mode only; ``False`` gives the reference's values at
+        every position.
         Any other keyword overrides a config field (e.g. ``num_labels=3``). Weights of a head
         the checkpoint lacks are initialised and named in a warning.
         """
@@ -279,8 +281,10 @@ class MegatronBertPreTrainedModel(nn.Module):
         tied = self.config.tie_word_embeddings and self.get_output_embeddings() is not None
         derived = set(_DERIVED_KEYS if tied else _DERIVED_KEYS[1:])
         missing = sorted(k for k in own if k not in state and k not in derived)
-        if "cls.predictions.decoder.bias" in own and "cls.predictions.bias" in loadable:
-            loadable.pop("cls.predictions.decoder.bias", None)
+        if "cls.predictions.decoder.bias" in loadable:
+            # The two bias names are one Parameter here. The decoder's is the one the reference
+            # adds in its forward: transformers 5.x keeps them apart when the decoder is untied.
+            loadable["cls.predictions.bias"] = loadable.pop("cls.predictions.decoder.bias")
         self.load_state_dict(loadable, strict=False)
         self.tie_weights()
         if missing:
@@ -324,6 +328,10 @@ class MegatronBertPreTrainedModel(nn.Module):
             raise NotADirectoryError(f"cannot save into {folder}: it is a file")
         folder.mkdir(parents=True, exist_ok=True)
         state = self._unique_state_dict()
+        if "cls.predictions.bias" in state and not self.config.tie_word_embeddings:
+            # transformers 5.x ties the decoder bias to cls.predictions.bias only when the decoder is
+            # tied: an untied folder must carry it under the decoder's name too (4.x reads either).
+            state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"].clone()
         config = self.config.copy()
         config.architectures = [type(self).__name__]
         config.torch_dtype = str(self.dtype).replace("torch.", "")
