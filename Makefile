@@ -10,21 +10,24 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup setup-tf5 demo test test-tf5 test-slow bench clean
 
+MAIN_EXTRAS := test,onnx,plot
+
+# $(call make_venv,FOLDER,EXTRAS): a virtual environment with torch and megabert[EXTRAS].
+define make_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(1)/bin/python -m pip install -q -e ".[$(2)]"
+	touch $(1)/.installed
+endef
+
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,onnx,plot]"
-	touch $@
+	$(call make_venv,$(VENV),$(MAIN_EXTRAS))
 
 setup: $(VENV)/.installed
 
 $(VENV5)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV5)
-	$(PY5) -m pip install -q --upgrade pip
-	$(PY5) -m pip install -q "$(TORCH_SPEC)"
-	$(PY5) -m pip install -q -e ".[test-tf5]"
-	touch $@
+	$(call make_venv,$(VENV5),test-tf5)
 
 setup-tf5: $(VENV5)/.installed
 
