@@ -197,3 +197,28 @@ def test_round_trip_ours_hf_ours_is_bit_exact(tmp_path, saved_references):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_unpadded_qa_loss_leaves_pads_out_of_the_softmax(saved_references):
+    """A documented difference (README, "Differences from transformers"): unpadded, pad positions
+    take no part in the start/end softmax; padded (unpad_inputs=False), the reference's loss."""
+    import torch.nn.functional as F
+
+    folder = saved_references["MegatronBertForQuestionAnswering"]
+    ref = transformers.MegatronBertForQuestionAnswering.from_pretrained(folder).eval()
+    ours = megabert.MegatronBertForQuestionAnswering.from_pretrained(folder, unpad_inputs=True).eval()
+    inputs = _inputs("MegatronBertForQuestionAnswering")
+    with torch.no_grad():
+        ref_out = ref(**inputs)
+        our_out = ours(**inputs)
+        exact = megabert.MegatronBertForQuestionAnswering.from_pretrained(folder, unpad_inputs=False).eval()(**inputs)
+    torch.testing.assert_close(exact.loss, ref_out.loss, atol=ATOL, rtol=0)
+    pads = inputs["attention_mask"] == 0
+    seq = pads.shape[1]
+    positions = [inputs[k].clamp(0, seq) for k in ("start_positions", "end_positions")]
+    want = sum(
+        F.cross_entropy(logits.masked_fill(pads, float("-inf")), target, ignore_index=seq)
+        for logits, target in zip((ref_out.start_logits, ref_out.end_logits), positions)
+    ) / 2
+    torch.testing.assert_close(our_out.loss, want, atol=ATOL, rtol=0)
+    assert abs(our_out.loss.item() - ref_out.loss.item()) > 1e-3
