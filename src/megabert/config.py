@@ -8,10 +8,13 @@ does not know (written by newer or other tools) are kept in ``extra`` and writte
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from megabert.errors import UserError
 
 MODEL_TYPE = "megatron-bert"
 CONFIG_NAME = "config.json"
@@ -35,6 +38,75 @@ RUNTIME_FIELDS = ("attn_implementation", "unpad_inputs")
 # Weight dtypes a config.json may record ("dtype" / "torch_dtype").
 SAVED_DTYPES = ("float32", "float16", "bfloat16", "float64")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+# Fields that must be JSON true/false: a string "false" would be truthy.
+_BOOL_FIELDS = (
+    "use_cache", "is_decoder", "add_cross_attention", "tie_word_embeddings",
+    "output_attentions", "output_hidden_states", "return_dict",
+)  # fmt: skip
+
+
+def _short(value: Any) -> str:
+    """repr of a config value, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any, low: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): NaN or inf would pass a range check by accident."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_id(value: Any) -> Any:
+    """A label id from config.json: an int, or a str of one (JSON object keys are strings); else as is."""
+    if isinstance(value, str) and value.strip().lstrip("-").isascii() and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def check_pruned_heads(heads: Any, num_layers: int, num_heads: int, name: str) -> dict[int, list[int]]:
+    """``heads`` ({layer: [head, ...]}) checked and normalised to int layers -> sorted, distinct heads.
+
+    Layers must be in [0, num_layers) and heads in [0, num_heads) (original head numbers);
+    a layer must keep at least one head. JSON object keys (strings of digits) are accepted as
+    layer numbers. Raises UserError naming ``name``, the layer or head and the limit.
+    """
+    if not isinstance(heads, dict):
+        raise UserError(f"{name} must be a mapping of layer -> list of heads, got {_short(heads)}")
+    out: dict[int, list[int]] = {}
+    for key, layer_heads in heads.items():
+        layer = _as_id(key)
+        if not _is_int(layer):
+            raise UserError(f"{name}: layer {_short(key)} is not a layer number (an integer)")
+        if not 0 <= layer < num_layers:
+            raise UserError(
+                f"{name}: layer {layer} does not exist: the model has {num_layers} layers (0 to {num_layers - 1})"
+            )
+        if isinstance(layer_heads, (str, bytes)) or not hasattr(layer_heads, "__iter__"):
+            raise UserError(f"{name}: layer {layer} must map to a list of head indices, got {_short(layer_heads)}")
+        chosen = set(out.get(layer, []))
+        for head in layer_heads:
+            if not _is_int(head):
+                raise UserError(f"{name}: layer {layer}: head {_short(head)} is not a head index (an integer)")
+            if not 0 <= head < num_heads:
+                raise UserError(
+                    f"{name}: head {head} of layer {layer} is out of range: layers have {num_heads} heads "
+                    f"(0 to {num_heads - 1})"
+                )
+            chosen.add(head)
+        if len(chosen) == num_heads:
+            raise UserError(
+                f"{name}: pruning heads {sorted(chosen)} of layer {layer} would remove all {num_heads} heads of "
+                "that layer; keep at least one"
+            )
+        if chosen:
+            out[layer] = sorted(chosen)
+    return out
+
 
 # Keys `transformers` writes that describe the file, not the model: read, not kept as fields.
 _BOOKKEEPING_KEYS = ("model_type", "transformers_version", "_name_or_path", "megabert_version")
@@ -67,6 +139,9 @@ class MegatronBertConfig:
     is_decoder: bool = False
     add_cross_attention: bool = False
     tie_word_embeddings: bool = True
+    # Attention heads removed by prune_heads: layer -> original head indices. The model re-prunes
+    # itself from this at construction, so a pruned folder's weights fit. None reads as {}.
+    pruned_heads: dict[int, list[int]] | None = None
     # Task-head settings shared by all `transformers` configs.
     num_labels: int | None = None
     id2label: dict[int, str] | None = None
@@ -102,7 +177,10 @@ class MegatronBertConfig:
             setattr(self, f.name, kwargs.pop(f.name, f.default))
         for key in _BOOKKEEPING_KEYS:
             kwargs.pop(key, None)
-        extra = dict(kwargs.pop("extra", None) or {})
+        extra = kwargs.pop("extra", None) or {}
+        if not isinstance(extra, dict):
+            raise UserError(f"config.extra must be an object of extra keys, got {_short(extra)}")
+        extra = dict(extra)
         extra.update({k: v for k, v in kwargs.items() if k not in known})
         self.extra = extra
         self._normalise_labels()
@@ -111,10 +189,22 @@ class MegatronBertConfig:
     # ------------------------------------------------------------------ labels
     def _normalise_labels(self) -> None:
         """Make num_labels, id2label and label2id agree (JSON keys are strings; ids are ints)."""
+        if self.num_labels is not None and not _is_int(self.num_labels, low=1):
+            raise UserError(f"config.num_labels must be a positive integer, got {_short(self.num_labels)}")
+        for name in ("id2label", "label2id"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise UserError(f"config.{name} must be an object (a mapping), got {_short(value)}")
         if self.id2label is not None:
-            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            bad = [k for k in self.id2label if not _is_int(_as_id(k), low=0)]
+            if bad:
+                raise UserError(f"config.id2label keys must be label ids (0, 1, ...), got {_short(bad[0])}")
+            self.id2label = {_as_id(k): str(v) for k, v in self.id2label.items()}
         if self.label2id is not None:
-            self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
+            bad = [v for v in self.label2id.values() if not _is_int(_as_id(v), low=0)]
+            if bad:
+                raise UserError(f"config.label2id values must be label ids (0, 1, ...), got {_short(bad[0])}")
+            self.label2id = {str(k): _as_id(v) for k, v in self.label2id.items()}
         if self.id2label is None and self.label2id is not None:
             self.id2label = {v: k for k, v in self.label2id.items()}
         if self.num_labels is None:
@@ -129,7 +219,7 @@ class MegatronBertConfig:
 
     # -------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Raise ValueError naming the field, its value and the rule, for an impossible config."""
+        """Raise UserError (a ValueError) naming the field, its value and the rule, for an impossible config."""
         for name in (
             "vocab_size",
             "hidden_size",
@@ -141,53 +231,68 @@ class MegatronBertConfig:
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+                raise UserError(f"config.{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
+            raise UserError(
                 f"config.hidden_size ({self.hidden_size}) must be divisible by "
                 f"config.num_attention_heads ({self.num_attention_heads})"
             )
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"config.{name} must be in [0, 1), got {value!r}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or self.layer_norm_eps <= 0:
-            raise ValueError(f"config.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
-        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
-            raise ValueError(f"config.initializer_range must be >= 0, got {self.initializer_range!r}")
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise UserError(f"config.{name} must be in [0, 1), got {value!r}")
+        if not _is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
+            raise UserError(f"config.layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
+        if not _is_number(self.initializer_range) or self.initializer_range < 0:
+            raise UserError(f"config.initializer_range must be a number >= 0, got {self.initializer_range!r}")
         if self.hidden_act not in ACTIVATION_NAMES:
-            raise ValueError(
+            raise UserError(
                 f"config.hidden_act {self.hidden_act!r} is not supported; choose one of {', '.join(ACTIVATION_NAMES)}"
             )
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
-            raise ValueError(
+            raise UserError(
                 f"config.position_embedding_type {self.position_embedding_type!r} is not supported; "
                 f"choose one of {', '.join(POSITION_EMBEDDING_TYPES)}"
             )
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(
+            raise UserError(
                 f"config.problem_type {self.problem_type!r} is not supported; choose one of {', '.join(PROBLEM_TYPES)}"
             )
-        if self.num_labels is not None and (isinstance(self.num_labels, bool) or self.num_labels < 1):
-            raise ValueError(f"config.num_labels must be >= 1, got {self.num_labels!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise UserError(f"config.{name} must be a token id (an integer) or null, got {_short(value)}")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"config.{name} must be true or false, got {_short(getattr(self, name))}")
+        if self.architectures is not None and (
+            not isinstance(self.architectures, list) or not all(isinstance(a, str) for a in self.architectures)
+        ):
+            raise UserError(f"config.architectures must be a list of class names, got {_short(self.architectures)}")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"config.pad_token_id ({self.pad_token_id}) must be inside the vocabulary [0, {self.vocab_size})"
             )
+        pruned = {} if self.pruned_heads is None else self.pruned_heads
+        self.pruned_heads = check_pruned_heads(
+            pruned, self.num_hidden_layers, self.num_attention_heads, "config.pruned_heads"
+        )
         if self.add_cross_attention and not self.is_decoder:
-            raise ValueError("config.add_cross_attention=True needs config.is_decoder=True")
+            raise UserError("config.add_cross_attention=True needs config.is_decoder=True")
         if self.torch_dtype is not None:
+            if not isinstance(self.torch_dtype, str) and type(self.torch_dtype).__name__ != "dtype":
+                raise UserError(f"config dtype must be a name like 'float32', got {_short(self.torch_dtype)}")
             # A torch.dtype or "torch.bfloat16" is kept as the bare name config.json holds.
             self.torch_dtype = str(self.torch_dtype).removeprefix("torch.")
             if self.torch_dtype not in SAVED_DTYPES:
-                raise ValueError(
+                raise UserError(
                     f"config dtype {self.torch_dtype!r} is not a floating-point torch dtype; "
                     f"expected one of {', '.join(SAVED_DTYPES)}"
                 )
         if self.unpad_inputs not in (None, True, False):
-            raise ValueError(f"unpad_inputs must be True, False or None (auto), got {self.unpad_inputs!r}")
+            raise UserError(f"unpad_inputs must be True, False or None (auto), got {self.unpad_inputs!r}")
         if self.attn_implementation not in (None, "sdpa", "eager"):
-            raise ValueError(
+            raise UserError(
                 f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}"
             )
 
@@ -230,6 +335,13 @@ class MegatronBertConfig:
             if f.name == "extra":
                 continue
             out[f.name] = getattr(self, f.name)
+        # A copy, so that pruning one model does not change another built from this config.
+        out["pruned_heads"] = {layer: list(heads) for layer, heads in self.pruned_heads.items()}
+        if not include_runtime:
+            if out["pruned_heads"]:
+                out["pruned_heads"] = {str(k): v for k, v in out["pruned_heads"].items()}  # JSON keys
+            else:
+                del out["pruned_heads"]  # as transformers writes it: only when something was pruned
         if out.get("id2label") is not None:
             out["id2label"] = {str(k): v for k, v in out["id2label"].items()}
         if include_runtime:
@@ -245,10 +357,16 @@ class MegatronBertConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], **overrides: Any) -> "MegatronBertConfig":
+        """A config from the values config.json holds (``overrides`` replace some of them)."""
+        if not isinstance(values, dict):
+            raise UserError(f"a config must be an object of settings, got {type(values).__name__}")
+        bad_key = next((k for k in values if not isinstance(k, str)), None)
+        if bad_key is not None:
+            raise UserError(f"config keys must be strings, got {bad_key!r}")
         values = dict(values)
         model_type = values.get("model_type")
         if model_type is not None and model_type != MODEL_TYPE:
-            raise ValueError(f"config model_type is {model_type!r}; megabert reads {MODEL_TYPE!r} configs only")
+            raise UserError(f"config model_type is {model_type!r}; megabert reads {MODEL_TYPE!r} configs only")
         if "num_labels" in overrides and "id2label" not in overrides:
             values.pop("id2label", None)
             values.pop("label2id", None)
@@ -262,12 +380,14 @@ class MegatronBertConfig:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise OSError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): not a config.json") from None
         try:
             values = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+            raise UserError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
         if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a JSON object, found {type(values).__name__}")
+            raise UserError(f"{path} must hold a JSON object, found {type(values).__name__}")
         return cls.from_dict(values, **overrides)
 
     @classmethod

@@ -29,13 +29,14 @@ import logging
 import math
 import operator
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from tokenizers import AddedToken, Encoding, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from megabert.errors import UserError
+from megabert.errors import UserError, require_file
 from megabert.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BatchEncoding",
     "MegatronBertTokenizer",
+    "check_unicode",
     "read_vocab_file",
     "train_tokenizer",
     "train_tokenizer_from_iterator",
@@ -65,6 +67,10 @@ TRAINING_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # `transformers` writes int(1e30) as model_max_length for "no known limit"; anything this large is
 # not a real limit.
 _NO_LIMIT_THRESHOLD = 10**12
+# A lone UTF-16 surrogate is not text: it comes from bytes that were not UTF-8, decoded with
+# errors="surrogateescape" (as Python does for command-line arguments). The Rust tokenizer
+# drops it silently, shifting every offset after it, or fails with a type error.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _PADDING_CHOICES = {True: "longest", "longest": "longest", False: None, "do_not_pad": None, "max_length": "max_length"}
 _TRUNCATION_CHOICES = {
@@ -176,9 +182,7 @@ def read_vocab_file(path: str | os.PathLike) -> list[str]:
     Raises a :class:`UserError` naming the file (and lines) for a file that is not UTF-8, is
     empty, or lists a token twice (ids would no longer match line numbers).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"vocabulary file not found: {path}")
+    path = require_file(path, "vocabulary file", expected_name="vocab.txt")
     try:
         # Text mode, as BERT's own reader: "\r\n" and "\r" end lines too; only the newline is stripped.
         with open(path, encoding="utf-8") as handle:
@@ -739,6 +743,7 @@ class MegatronBertTokenizer:
     def _check_text(value: Any, what: str) -> None:
         if not isinstance(value, str):
             raise UserError(f"{what} must be a str, got {type(value).__name__}")
+        check_unicode(value, what)
 
     @staticmethod
     def _check_batch(values: Any, what: str, pretokenized: bool) -> list:
@@ -749,10 +754,15 @@ class MegatronBertTokenizer:
             for i, words in enumerate(values):
                 if not isinstance(words, (list, tuple)) or not all(type(w) is str for w in words):
                     raise UserError(f"{what}[{i}] must be a list of str (words), got {words!r:.60}")
+                for j, word in enumerate(words):
+                    check_unicode(word, f"{what}[{i}][{j}]")
         elif not all(type(t) is str for t in values):
             i = next(i for i, t in enumerate(values) if type(t) is not str)
             hint = " (for lists of words pass is_split_into_words=True)" if isinstance(values[i], (list, tuple)) else ""
             raise UserError(f"{what}[{i}] must be a str, got {type(values[i]).__name__}{hint}")
+        else:
+            for i, text in enumerate(values):
+                check_unicode(text, f"{what}[{i}]")
         return values if isinstance(values, list) else list(values)
 
     def _prepare_inputs(self, text: Any, text_pair: Any, pretokenized: bool) -> tuple[bool, list]:
@@ -780,6 +790,7 @@ class MegatronBertTokenizer:
             if pretokenized:
                 pairs = self._check_batch([text_pair], "text_pair", pretokenized)
             elif isinstance(text_pair, str):
+                check_unicode(text_pair, "text_pair")
                 pairs = [text_pair]
             else:
                 raise UserError(f"text is one str, so text_pair must be one str too, got {type(text_pair).__name__}")
@@ -928,6 +939,22 @@ class MegatronBertTokenizer:
                 "a sequence of %d tokens is longer than model_max_length=%d: the model cannot take it; "
                 "pass truncation=True", longest, self.model_max_length,
             )  # fmt: skip
+
+
+def check_unicode(text: str, what: str) -> None:
+    """Raise UserError when ``text`` holds a lone surrogate, naming ``what`` and the character's position.
+
+    Cheap: ASCII text (most of it) is skipped by one C-level check; other text is one regex scan.
+    """
+    if text.isascii():
+        return
+    match = _SURROGATE.search(text)
+    if match is not None:
+        raise UserError(
+            f"{what}: character {match.start()} is a lone surrogate {match.group()!r}, which is not text "
+            "(bytes that were not UTF-8, decoded with errors='surrogateescape'?); decode the input as UTF-8 "
+            "or remove that character"
+        )
 
 
 def _to_tensors(data: dict[str, list], kind: str) -> dict[str, Any]:

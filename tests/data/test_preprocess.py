@@ -133,7 +133,7 @@ def test_binary_input(tmp_path, tok):
     with pytest.raises(UserError, match=r"input file .*blob\.txt looks binary \(it contains NUL bytes\)"):
         preprocess_corpus([tmp_path / "blob.txt"], tmp_path / "o", tok, progress=False)
     (tmp_path / "latin1.txt").write_bytes("The cat.\nCaf\xe9 au lait.\n".encode("latin-1"))
-    with pytest.raises(UserError, match=r"latin1\.txt:2: not UTF-8 text"):
+    with pytest.raises(UserError, match=r"latin1\.txt:2: not valid UTF-8 text"):
         preprocess_corpus([tmp_path / "latin1.txt"], tmp_path / "o", tok, progress=False)
 
 

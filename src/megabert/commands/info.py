@@ -45,25 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every stored tensor, from safetensors headers (other formats are loaded)."""
-    from safetensors import safe_open
+    """Name -> shape of every stored tensor, from safetensors headers (other formats are loaded).
 
-    files: list[Path] = []
-    if (folder / "model.safetensors").is_file():
-        files = [folder / "model.safetensors"]
-    elif (folder / "model.safetensors.index.json").is_file():
-        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-    if files:
-        shapes: dict[str, tuple[int, ...]] = {}
-        for path in files:
-            with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-        return shapes
-    from megabert.modeling.pretrained import read_state_dict
+    Read by the same checked loader as every other command (a damaged file or a shard outside
+    the folder is a one-line error naming the file).
+    """
+    from megabert.modeling.pretrained import read_tensor_shapes
 
-    return {key: tuple(tensor.shape) for key, tensor in read_state_dict(folder).items()}
+    return read_tensor_shapes(folder)
 
 
 def count_parameters(shapes: dict[str, tuple[int, ...]], tied: bool) -> int:

@@ -449,6 +449,27 @@ def _records(kind: str, converter: RecordConverter, source: str, fmt: str, name:
             yield line, {"line": line, "text": text}, text
 
 
+def _limit_input(value: Any, max_tokens: int, where: str, truncate: bool) -> Any:
+    """``value`` with each of its texts within the character cap of ``max_tokens`` tokens (see text_limits).
+
+    Applied before tokenizing, so that one huge line costs no more than the model can read of
+    it: refused (naming ``where`` and the limit) unless ``truncate``, then cut.
+    """
+    from megabert.data.text_limits import limit_text
+
+    if isinstance(value, str):
+        return limit_text(value, max_tokens, where, truncate)
+    if isinstance(value, tuple):
+        return tuple(limit_text(t, max_tokens, where, truncate, "text pair" if i else "text") for i, t in enumerate(value))
+    if isinstance(value, dict) and "choices" in value:
+        return {
+            **value,
+            "question": limit_text(value["question"], max_tokens, where, truncate, "question"),
+            "choices": [limit_text(c, max_tokens, where, truncate, f"choice {i + 1}") for i, c in enumerate(value["choices"])],
+        }
+    return value
+
+
 # ------------------------------------------------------------------------------ outputs
 def _format(command: Command, result: Any, params: dict[str, Any]) -> dict[str, Any]:
     """The pipeline's result as the fields of an output line."""
@@ -512,9 +533,13 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
 
     pending: deque[tuple[int | None, dict[str, Any]]] = deque()  # inputs in the pipeline, not yet answered
+    capped = hasattr(args, "truncate")  # commands that take an input whole or truncated (not in windows)
 
     def feed() -> Iterator[Any]:
-        for line, echo, value in source:
+        for number, (line, echo, value) in enumerate(source, start=1):
+            if capped:
+                where = f"{source_name}:{line}" if line is not None else f"input {number}"
+                value = _limit_input(value, pipe.max_length, where, args.truncate)
             pending.append((line, echo))
             yield value
 

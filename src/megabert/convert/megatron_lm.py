@@ -28,9 +28,9 @@ from megabert.convert.megatron_args import config_to_args, lowercase_from_args
 from megabert.convert.qkv import check_version
 from megabert.convert.reader import load_checkpoint
 from megabert.convert.sources import CHECKPOINT_NAME, TRACKER_NAME, ShardSet, find_shards
-from megabert.convert.stream_safetensors import write_safetensors
+from megabert.convert.stream_safetensors import PendingTensor, write_safetensors
 from megabert.convert.to_megatron import check_hf_shapes, megatron_shard, normalise_hf_state, pad_vocab
-from megabert.errors import UserError
+from megabert.errors import UserError, require_file
 from megabert.utils import atomic_folder
 
 __all__ = ["convert_hf_to_megatron", "convert_megatron_to_hf"]
@@ -39,6 +39,22 @@ logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 _SCRATCH = ".megatron-source"  # zip extraction folder inside the (temporary) output folder
+
+
+# Non-finite weights are refused in both directions: a converted NaN spreads into every output.
+_NOT_CONVERTED = "; a checkpoint with non-finite weights is not converted"
+
+
+def _finite_checked(name: str, pending: PendingTensor, source: Path) -> PendingTensor:
+    """``pending`` whose tensor is checked for NaN/inf when it is made (just before it is written)."""
+    from megabert.modeling.pretrained import check_finite_weights
+
+    def make() -> torch.Tensor:
+        tensor = pending.make()
+        check_finite_weights({name: tensor}, source, _NOT_CONVERTED)
+        return tensor
+
+    return PendingTensor(pending.shape, pending.dtype, make)
 
 
 def _resolve_lowercase(lowercase: bool | None, args: object, where: str) -> bool | None:
@@ -99,14 +115,15 @@ def convert_megatron_to_hf(
     src, out = Path(src), Path(out)
     if not src.exists():
         raise FileNotFoundError(f"Megatron checkpoint {src} does not exist")
-    if vocab_file is not None and not Path(vocab_file).is_file():
-        raise FileNotFoundError(f"vocabulary file {vocab_file} does not exist")
+    if vocab_file is not None:
+        vocab_file = require_file(vocab_file, "vocabulary file", expected_name="vocab.txt")
     with atomic_folder(out, overwrite=overwrite) as tmp:
         shards = find_shards(src, tmp / _SCRATCH)
         ckpt = load_checkpoint(shards)
         check_checkpoint(ckpt)
         dims = checkpoint_dims(ckpt, num_attention_heads)
         plan, binary_head, untied = plan_state(ckpt, dims)
+        plan = {name: _finite_checked(name, pending, src) for name, pending in plan.items()}
         dtype = plan["bert.embeddings.word_embeddings.weight"].dtype
         config = config_from_checkpoint(ckpt, dims, binary_head, untied, dtype)
         if vocab_file is not None:
@@ -170,10 +187,12 @@ def convert_hf_to_megatron(
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"model folder {hf_dir} does not exist")
 
-    from megabert.modeling.pretrained import read_state_dict
+    from megabert.modeling.pretrained import check_finite_weights, read_state_dict
 
     config = MegatronBertConfig.from_pretrained(hf_dir)
-    state, binary_head = normalise_hf_state(read_state_dict(hf_dir), str(hf_dir))
+    hf_state = read_state_dict(hf_dir, check_finite=False)
+    check_finite_weights(hf_state, hf_dir, _NOT_CONVERTED)
+    state, binary_head = normalise_hf_state(hf_state, str(hf_dir))
     check_hf_shapes(state, config, binary_head, str(hf_dir))
     heads, layers = config.num_attention_heads, config.num_hidden_layers
     if heads % tensor_parallel != 0:

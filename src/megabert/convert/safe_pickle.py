@@ -37,7 +37,7 @@ import torch
 
 from megabert.errors import UserError
 
-__all__ = ["MegatronObject", "safe_load", "globals_in_checkpoint"]
+__all__ = ["MegatronObject", "check_torch_file", "describe_load_error", "globals_in_checkpoint", "safe_load"]
 
 # Globals that are allowed beyond torch's own weights-only list, as (object, pickled name).
 # numpy moved `numpy.core` to `numpy._core` in 2.0; old files use the first name, new the second.
@@ -153,23 +153,92 @@ def _placeholders_for(names: list[str]) -> list[tuple[type[MegatronObject], str]
 
 
 _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
+_OPCODE_IN_MESSAGE = re.compile(r"Unsupported operand (\d+)")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# Lines of torch's messages that are advice about loading the file unsafely, or about torch
+# itself: never passed on (megabert does not load a refused file with weights_only=False).
+_TORCH_ADVICE = ("weights_only", "add_safe_globals", "safe_globals(", "file an issue", "documentation of torch.load",
+                 "can still be loaded", "Alternatively")
 
 
-def _describe_refusal(path: Path, exc: BaseException) -> str:
-    """One line: which global (or construct) the restricted unpickler refused, or why the pickle is unreadable."""
-    text = str(exc)
+def _plain(text: str) -> str:
+    """``text`` without terminal escape codes (torch puts bold ANSI codes into some messages)."""
+    return _ANSI_ESCAPE.sub("", text)
+
+
+def describe_load_error(path: str | os.PathLike, exc: BaseException) -> str:
+    """One plain-text line for a failed ``torch.load(weights_only=True)``: what was refused and why.
+
+    Names the global (or pickle instruction) the restricted unpickler refused, and says that
+    the file is not loaded because unpickling it could run code. Terminal escape codes and
+    torch's advice to retry with ``weights_only=False`` are dropped.
+    """
+    text = _plain(str(exc))
     match = _GLOBAL_IN_MESSAGE.search(text)
     if match:
         return (
             f"refusing to load {path}: its pickle refers to {match.group(1)}, which is not allowed "
-            f"({_ALLOWED_SUMMARY}); the file may be malicious or not a Megatron checkpoint"
+            f"({_ALLOWED_SUMMARY}); it is not loaded because unpickling it would import and run code "
+            "that the file names, so the file may be malicious or is not a plain checkpoint"
         )
-    detail = next((line.strip() for line in reversed(text.splitlines()) if "WeightsUnpickler error" in line), "")
-    if not detail:  # not a refusal: a damaged or foreign pickle
-        last = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
-        return f"{path} is not a readable PyTorch checkpoint ({last})"
-    detail = detail.replace("WeightsUnpickler error:", "").strip()
-    return f"refusing to load {path}: {detail} ({_ALLOWED_SUMMARY})"
+    match = _OPCODE_IN_MESSAGE.search(text)
+    if match:
+        return (
+            f"refusing to load {path}: its pickle uses instruction {match.group(1)}, which the safe loader "
+            "does not run (it is not a file torch.save wrote, or a damaged one)"
+        )
+    lines = [
+        line.strip() for line in text.splitlines()
+        if line.strip() and not any(advice in line for advice in _TORCH_ADVICE)
+    ]  # fmt: skip
+    detail = next((line for line in reversed(lines) if "WeightsUnpickler error" in line), "")
+    if detail:
+        detail = detail.replace("WeightsUnpickler error:", "").strip().rstrip(".")
+        return f"refusing to load {path}: {detail} ({_ALLOWED_SUMMARY})"
+    last = lines[-1] if lines else type(exc).__name__
+    return f"{path} is not a readable PyTorch checkpoint ({last})"
+
+
+def _starts_with_torch_magic(handle: io.BufferedIOBase) -> bool:
+    """Whether the first pickle of a file is torch's legacy-format magic number (read as opcodes only)."""
+    try:
+        for opcode, arg, _pos in pickletools.genops(handle):
+            if opcode.name in ("LONG1", "LONG4", "INT", "LONG"):
+                return arg == torch.serialization.MAGIC_NUMBER
+            if opcode.name not in ("PROTO", "FRAME"):
+                return False
+    except (ValueError, EOFError):
+        return False
+    return False
+
+
+def check_torch_file(path: str | os.PathLike) -> bool:
+    """Raise UserError unless ``path`` looks like a file ``torch.save`` wrote; return whether it is a zip.
+
+    ``torch.save`` writes a zip archive (or, in the legacy format, a pickle of its magic number
+    first). A bare pickle (``pickle.dump``) is refused here, before any unpickling: torch cannot
+    read it anyway, and unpickling arbitrary pickles runs code stored in them.
+    """
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+        handle.seek(0)
+        legacy = head[:1] == b"\x80" and _starts_with_torch_magic(handle)  # type: ignore[arg-type]
+    if not head:
+        raise UserError(f"{path} is empty (0 bytes): it is not a PyTorch checkpoint (truncated download?)")
+    if head == b"PK":
+        raise UserError(f"{path} is a damaged zip archive (truncated download?): it cannot be read")
+    if head[:1] != b"\x80":
+        raise UserError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    if not legacy:
+        raise UserError(
+            f"refusing to load {path}: it is a bare pickle, not a file torch.save wrote (a zip archive); "
+            "it is not loaded because unpickling a bare pickle can run any code stored in it; "
+            "re-save the weights with torch.save() or as safetensors"
+        )
+    return False
 
 
 def safe_load(path: str | os.PathLike, mmap: bool | None = None) -> Any:
@@ -183,15 +252,7 @@ def safe_load(path: str | os.PathLike, mmap: bool | None = None) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
-    is_zip = zipfile.is_zipfile(path)
-    if not is_zip:
-        with open(path, "rb") as handle:
-            head = handle.read(2)
-        if head == b"PK":
-            raise UserError(f"{path} is a damaged zip archive (truncated download?): it cannot be read")
-        # A legacy torch.save file starts with a pickle (PROTO opcode 0x80, then protocol 2).
-        if head[:1] != b"\x80":
-            raise UserError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    is_zip = check_torch_file(path)
     if mmap is None:
         mmap = is_zip
     allowed: list[Any] = list(_EXTRA_GLOBALS)
@@ -207,9 +268,9 @@ def safe_load(path: str | os.PathLike, mmap: bool | None = None) -> Any:
         torch.serialization.add_safe_globals(allowed)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=bool(mmap and is_zip))
     except pickle.UnpicklingError as exc:
-        raise UserError(_describe_refusal(path, exc)) from None
+        raise UserError(describe_load_error(path, exc)) from None
     except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _plain(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({first})") from None
     finally:
         torch.serialization.clear_safe_globals()

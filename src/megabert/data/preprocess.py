@@ -31,6 +31,7 @@ import numpy as np
 
 from megabert.data.indexed import IndexedDatasetWriter
 from megabert.errors import UserError
+from megabert.lines import iter_lines
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 INPUT_FORMATS = ("auto", "text", "jsonl")
@@ -116,19 +117,10 @@ def check_input_file(path: str | os.PathLike) -> Path:
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 file (a leading BOM is dropped); clear error on bad bytes.
 
-    Lines are decoded one by one so that an error names the exact line.
+    Lines are decoded one by one so that an error names the exact line: the reader the
+    prediction commands and the fine-tuning readers use too (:func:`megabert.lines.iter_lines`).
     """
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise UserError(
-                    f"{path}:{number}: not UTF-8 text ({exc.reason} at column {exc.start + 1}); "
-                    "the file may be binary or in another encoding"
-                ) from None
+    yield from iter_lines(path)
 
 
 def _text_documents(path: Path, split: bool) -> Iterator[list[str]]:
@@ -251,9 +243,20 @@ def _init_worker(spec: Any) -> None:
 
 
 def tokenize_documents(tokenizer: Any, documents: list[list[str]]) -> list[list[np.ndarray]]:
-    """Tokenize a batch of documents in one ``encode_plain`` call; empty sentences are dropped."""
+    """Tokenize a batch of documents in one ``encode_plain`` call; empty sentences are dropped.
+
+    A sentence longer than :func:`megabert.data.text_limits.max_chars` (a whole document on one
+    line, say) is tokenized in pieces cut at whitespace and its ids joined: the same ids, but
+    the tokenizer's memory stays that of one piece (about 1 GB for a 5 MB line in one call).
+    """
+    from megabert.data.text_limits import max_chars
+
     flat = [sentence for document in documents for sentence in document]
-    encoded = tokenizer.encode_plain(flat) if flat else []
+    limit = max_chars()
+    if any(len(sentence) > limit for sentence in flat):
+        encoded = _encode_long(tokenizer, flat, limit)
+    else:
+        encoded = tokenizer.encode_plain(flat) if flat else []
     if len(encoded) != len(flat):
         raise RuntimeError(f"encode_plain returned {len(encoded)} encodings for {len(flat)} texts")
     result: list[list[np.ndarray]] = []
@@ -263,6 +266,30 @@ def tokenize_documents(tokenizer: Any, documents: list[list[str]]) -> list[list[
         position += len(document)
         result.append([np.asarray(s, dtype=np.int64) for s in ids if len(s)])
     return result
+
+
+def _encode_long(tokenizer: Any, texts: list[str], limit: int) -> list[list[int]]:
+    """``encode_plain(texts)`` with texts over ``limit`` characters encoded piece by piece.
+
+    The short texts go in one call; the pieces of long ones in calls of at most 8 pieces, so
+    that no call holds more than ``8 * limit`` characters of tokenizer state at once.
+    """
+    from megabert.data.text_limits import split_text
+
+    short = [i for i, text in enumerate(texts) if len(text) <= limit]
+    encoded: list[list[int]] = [[] for _ in texts]
+    for i, ids in zip(short, tokenizer.encode_plain([texts[i] for i in short]) if short else []):
+        encoded[i] = list(ids)
+    for i, text in enumerate(texts):
+        if len(text) <= limit:
+            continue
+        pieces = split_text(text, limit)
+        ids: list[int] = []
+        for start in range(0, len(pieces), 8):
+            for piece_ids in tokenizer.encode_plain(pieces[start : start + 8]):
+                ids.extend(piece_ids)
+        encoded[i] = ids
+    return encoded
 
 
 def _ordered_map(pool: Any, batches: Iterator[Any], ahead: int) -> Iterator[Any]:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Generic, Iterator, Literal, Sequence, TypeVar, overload
 
 from megabert.errors import UserError
+from megabert.lines import iter_lines
 
 logger = logging.getLogger("megabert.data")
 
@@ -232,18 +233,11 @@ def _open_path(path: str | Path) -> Path:
 
 
 def _read_lines(path: Path, keepends: bool = False) -> list[str]:
-    """The file's lines as text (UTF-8, a leading BOM dropped); a bad byte is reported by line."""
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    raw_lines = data.splitlines(keepends=keepends)
-    lines: list[str] = []
-    for number, raw in enumerate(raw_lines, start=1):
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    return lines
+    """The file's lines as text (UTF-8, a leading BOM dropped); a bad byte is reported by line.
+
+    The same reader as the prediction commands' and ``preprocess``'s (:func:`megabert.lines.iter_lines`).
+    """
+    return [line for _, line in iter_lines(path, keepends=keepends)]
 
 
 def _sort_labels(labels: set[str]) -> list[str]:

@@ -17,9 +17,11 @@ a list. The model runs in eval mode under ``torch.inference_mode()``.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from tokenizers import decoders
 
@@ -164,7 +166,15 @@ class Pipeline:
         per_input: list[list[Any]] = [[] for _ in items]
         for owner, output in zip(owners, outputs):
             per_input[owner].append(output)
-        for item, enc, outs in zip(items, encoded, per_input):
+        for i, (item, enc, outs) in enumerate(zip(items, encoded, per_input)):
+            # One check for every task, before any result is built: a pipeline never returns
+            # (or prints) NaN; JSON has no NaN, and a NaN score ranks arbitrarily.
+            if _has_non_finite(outs):
+                raise UserError(
+                    f"input {first + i}: the model produced non-finite scores (NaN or inf), so there is no "
+                    f"answer to give; its weights may be damaged, or {getattr(self.model, 'dtype', 'its dtype')} "
+                    "overflowed (try float32: dtype='float32', --dtype float32)"
+                )
             yield self._postprocess(item, enc, outs, params)
 
     # ------------------------------------------------------------ helpers
@@ -231,6 +241,24 @@ class Pipeline:
         return [Row(ids, types) for ids, types in zip(encoding["input_ids"], encoding["token_type_ids"])]
 
 
+def _has_non_finite(value: Any) -> bool:
+    """Whether a per-row result (floats, tensors, arrays, and lists/tuples/dicts of them) holds NaN or inf.
+
+    Results are small (top-k scores, one row's logits), so walking them costs little.
+    """
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() and value.numel() > 0 and not bool(torch.isfinite(value).all())
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "fc" and value.size > 0 and not bool(np.isfinite(value).all())
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_non_finite(v) for v in value)
+    return False
+
+
 # ---------------------------------------------------------------- text from word-pieces
 # What BERT's decoding removes after joining word-pieces with spaces (`transformers`'
 # clean_up_tokenization_spaces, also applied by the `tokenizers` WordPiece decoder).
@@ -254,10 +282,21 @@ def tokens_to_text(tokens: list[str]) -> str:
 
 
 # ---------------------------------------------------------------- shared input checks
+def _check_chars(text: str, index: int, what: str) -> None:
+    """The tokenizer's check for text that is not valid Unicode, raised early with the input's index."""
+    from megabert.tokenization import check_unicode
+
+    try:
+        check_unicode(text, what)
+    except UserError as exc:
+        raise InputError(index, str(exc)) from None
+
+
 def as_text(item: Any, index: int, what: str = "text") -> str:
-    """``item`` if it is a str, else an InputError."""
+    """``item`` if it is a str of valid text, else an InputError."""
     if not isinstance(item, str):
         raise InputError(index, f"{what} must be a str, got {type(item).__name__}")
+    _check_chars(item, index, what)
     return item
 
 
@@ -280,6 +319,9 @@ def as_pair(item: Any, index: int, allow_single: bool) -> tuple[str, str | None]
         raise InputError(index, "text and text_pair must both be str")
     if pair is None and not allow_single:
         raise InputError(index, "expected a pair of texts: text_pair is missing")
+    _check_chars(text, index, "text")
+    if pair is not None:
+        _check_chars(pair, index, "text_pair")
     return text, pair
 
 

@@ -45,10 +45,20 @@ class FillMaskPipeline(Pipeline):
                         f"target {target!r} is not a token of the vocabulary (it splits into {pieces}); "
                         "targets must be single vocabulary tokens"
                     )
+                if vocab[target] >= self._candidate_rows:
+                    raise UserError(
+                        f"target {target!r} has id {vocab[target]}, but the model has only "
+                        f"{self.config.vocab_size} vocabulary rows"
+                    )
                 if vocab[target] not in ids:
                     ids.append(vocab[target])
             params["targets"] = torch.tensor(ids, dtype=torch.long)
         return params
+
+    @property
+    def _candidate_rows(self) -> int:
+        """How many vocabulary rows are tokens: the tokenizer's size, at most the model's rows."""
+        return min(len(self.tokenizer), int(self.config.vocab_size))
 
     def _normalize(self, item: Any, index: int) -> str:
         return as_text(item, index)
@@ -84,8 +94,11 @@ class FillMaskPipeline(Pipeline):
         # (tokens x vocab) logits of every other position would be computed for nothing.
         hidden = self.model.bert(**batch, return_dict=True).last_hidden_state  # (rows, seq, hidden)
         is_mask = batch["input_ids"] == self.tokenizer.mask_token_id  # (rows, seq)
-        logits = self.model.cls.predictions(hidden[is_mask]).float()  # (masks, vocab)
-        probs = logits.softmax(dim=-1)
+        logits = self.model.cls.predictions(hidden[is_mask]).float()  # (masks, vocab rows)
+        # Converted models pad the vocabulary rows past the tokenizer (to a multiple of 128 x TP,
+        # e.g. 30592 rows for 30522 tokens): padding rows are no tokens, so never candidates.
+        # They are cut after the softmax, so each score is the one transformers gives.
+        probs = logits.softmax(dim=-1)[:, : self._candidate_rows]
         targets = params["targets"]
         if targets is not None:
             probs = probs[:, targets.to(probs.device)]  # (masks, targets)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from megabert.errors import UserError
+from megabert.lines import iter_lines
 from megabert.utils import atomic_path
 
 FORMATS = ("text", "jsonl", "csv", "tsv")
@@ -53,57 +53,41 @@ def check_source(source: str) -> None:
         raise UserError(f"input file {source} is not readable")
 
 
-@contextlib.contextmanager
-def open_source(source: str) -> Iterator[IO[str]]:
-    """A text handle on the file or stdin: UTF-8, a leading byte-order mark dropped, newlines kept."""
-    if source == "-":
-        yield io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", newline="")
-        return
-    with open(source, encoding="utf-8-sig", newline="") as handle:
-        yield handle
-
-
-def _lines(handle: IO[str], name: str) -> Iterator[tuple[int, str]]:
-    """(line number, line without its end) for every line; bad UTF-8 named by line."""
-    number = 0
-    try:
-        for number, line in enumerate(handle, start=1):
-            yield number, line.rstrip("\r\n")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{name}:{number + 1}: not valid UTF-8 ({exc.reason})") from None
-
-
 def read_records(source: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each input of ``source``; a text line is ``{"text": line}``.
 
-    For csv/tsv the line number is the record's first line (the header is line 1).
+    For csv/tsv the line number is the record's first line (the header is line 1). Lines come
+    from :func:`megabert.lines.iter_lines`, the reader ``preprocess`` and ``finetune`` use too,
+    so a line that is not UTF-8 is named by its own number.
     """
     name = "<stdin>" if source == "-" else source
-    with open_source(source) as handle:
-        if fmt == "text":
-            for number, line in _lines(handle, name):
-                if line.strip():
-                    yield number, {"text": line}
-        elif fmt == "jsonl":
-            for number, line in _lines(handle, name):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{name}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(record, dict):
-                    raise UserError(f"{name}:{number}: expected a JSON object, got {type(record).__name__}")
-                yield number, record
-        else:
-            yield from _table_records(handle, name, fmt)
-
-
-def _table_records(handle: IO[str], name: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    if fmt == "tsv":
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+    if fmt == "text":
+        for number, line in iter_lines(source, name=name):
+            if line.strip():
+                yield number, {"text": line}
+    elif fmt == "jsonl":
+        for number, line in iter_lines(source, name=name):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{name}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{name}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
     else:
-        reader = csv.reader(handle)
+        yield from _table_records(source, name, fmt)
+
+
+def _table_records(source: str, name: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    # The csv module counts the lines it is given: with one line per item, reader.line_num is
+    # the file's line number (line ends are kept for quoted fields that span lines).
+    lines = (line for _, line in iter_lines(source, name=name, keepends=True))
+    if fmt == "tsv":
+        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(lines)
     try:
         header = next(reader, None)
         if header is None:
@@ -123,19 +107,14 @@ def _table_records(handle: IO[str], name: str, fmt: str) -> Iterator[tuple[int, 
             first_line = reader.line_num + 1
     except csv.Error as exc:
         raise UserError(f"{name}:{reader.line_num}: malformed {fmt.upper()} ({exc})") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{name}:{reader.line_num + 1}: not valid UTF-8 ({exc.reason})") from None
 
 
 def table_header(source: str, fmt: str) -> list[str] | None:
     """The column names of a csv/tsv file (None for other formats and stdin)."""
     if fmt not in ("csv", "tsv") or source == "-":
         return None
-    with open_source(source) as handle:
-        try:
-            line = handle.readline()
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{source}:1: not valid UTF-8 ({exc.reason})") from None
+    with contextlib.closing(iter_lines(source)) as lines:
+        line = next((text for _, text in lines), "")
     if not line.strip():
         return []
     if fmt == "tsv":

@@ -114,24 +114,13 @@ def load_tokenizer(tokenizer: Any, folder: Path | None) -> Any:
 
 
 def checkpoint_keys(folder: Path) -> set[str]:
-    """The weight names stored in a model folder, read from file headers where possible."""
-    if (folder / "model.safetensors").is_file():
-        from safetensors import safe_open
+    """The weight names stored in a model folder, read from file headers where possible.
 
-        try:
-            with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
-                return set(handle.keys())
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise UserError(f"{folder / 'model.safetensors'} is not a readable safetensors file ({exc})") from None
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index).is_file():
-            try:
-                return set(json.loads((folder / index).read_text())["weight_map"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise UserError(f"{folder / index} is not a valid weight index ({exc})") from None
-    from megabert.modeling.pretrained import read_state_dict
+    Through the checked loader every command uses (:func:`megabert.modeling.pretrained.read_tensor_shapes`).
+    """
+    from megabert.modeling.pretrained import read_tensor_shapes
 
-    return set(read_state_dict(folder))
+    return set(read_tensor_shapes(folder))
 
 
 def read_config(folder: Path) -> Any:

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from megabert.config import MegatronBertConfig
+from megabert.errors import UserError
 from megabert.modeling.cpu_matmul import linear_module
 from megabert.modeling.dropout import Dropout
-from megabert.modeling.inputs import check_labels
+from megabert.modeling.inputs import check_label_shape, check_labels, check_tensor
 from megabert.modeling.layers import ACTIVATIONS
 from megabert.modeling.model import MegatronBertModel
 from megabert.modeling.outputs import (
@@ -63,6 +64,19 @@ class MegatronBertLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         # The same Parameter under both names, as in the reference's state dict.
         self.decoder.bias = self.bias
+
+    def set_decoder(self, decoder: nn.Linear) -> None:
+        """Use ``decoder`` as the vocabulary projection; its bias becomes ``self.bias`` too.
+
+        A decoder without a bias gets a zero one: the checkpoint layout has
+        ``cls.predictions.bias``.
+        """
+        if not isinstance(decoder, nn.Linear):
+            raise TypeError(f"the MLM decoder must be an nn.Linear, got {type(decoder).__name__}")
+        if decoder.bias is None:
+            decoder.bias = nn.Parameter(decoder.weight.new_zeros(decoder.out_features))
+        self.decoder = decoder
+        self.bias = decoder.bias
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return linear_module(self.decoder, self.transform(hidden_states))  # (..., vocab)
@@ -119,8 +133,13 @@ def _finish(output_cls: type, return_dict: bool, loss: torch.Tensor | None, main
     return ((loss,) if loss is not None else ()) + head + extras
 
 
+# What one label is, for the shape errors.
+_PER_TOKEN = "one token id (or -100 to ignore it) per input position (batch, seq)"
+_PER_EXAMPLE = "one class id per example of the batch"
+
+
 def _mlm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    check_labels("labels", labels, vocab_size)
+    labels = check_labels("labels", labels, vocab_size, shape=tuple(logits.shape[:-1]), what=_PER_TOKEN)
     return F.cross_entropy(logits.reshape(-1, vocab_size).float(), labels.reshape(-1))
 
 
@@ -136,7 +155,12 @@ class MegatronBertForPreTraining(MegatronBertPreTrainedModel):
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
+        """The MLM decoder (hidden -> vocabulary), tied to the word embeddings unless config says not."""
         return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        """Replace the MLM decoder; ``cls.predictions.bias`` becomes its bias (one Parameter)."""
+        self.cls.predictions.set_decoder(new_embeddings)
 
     def forward(
         self,
@@ -162,7 +186,10 @@ class MegatronBertForPreTraining(MegatronBertPreTrainedModel):
         if labels is not None and (next_sentence_label is not None or not self.add_binary_head):
             loss = _mlm_loss(prediction_scores, labels, self.config.vocab_size)
             if self.add_binary_head:
-                check_labels("next_sentence_label", next_sentence_label, 2)
+                next_sentence_label = check_labels(
+                    "next_sentence_label", next_sentence_label, 2, shape=tuple(relationship.shape[:1]),
+                    what="one label per example (0: B continues A, 1: B is random)",
+                )  # fmt: skip
                 loss = loss + F.cross_entropy(relationship.reshape(-1, 2).float(), next_sentence_label.reshape(-1))
         return _finish(MegatronBertForPreTrainingOutput, return_dict, loss, (prediction_scores, relationship), outputs)
 
@@ -179,7 +206,12 @@ class MegatronBertForMaskedLM(MegatronBertPreTrainedModel):
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
+        """The MLM decoder (hidden -> vocabulary), tied to the word embeddings unless config says not."""
         return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        """Replace the MLM decoder; ``cls.predictions.bias`` becomes its bias (one Parameter)."""
+        self.cls.predictions.set_decoder(new_embeddings)
 
     def forward(
         self,
@@ -219,7 +251,12 @@ class MegatronBertForCausalLM(MegatronBertPreTrainedModel):
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
+        """The MLM decoder (hidden -> vocabulary), tied to the word embeddings unless config says not."""
         return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        """Replace the MLM decoder; ``cls.predictions.bias`` becomes its bias (one Parameter)."""
+        self.cls.predictions.set_decoder(new_embeddings)
 
     def forward(
         self,
@@ -249,6 +286,8 @@ class MegatronBertForCausalLM(MegatronBertPreTrainedModel):
         logits = self.cls(outputs.last_hidden_state)  # (batch, seq, vocab)
         loss = None
         if labels is not None:
+            # Checked before the shift, so the error shows the shapes the caller passed.
+            check_label_shape("labels", labels, tuple(logits.shape[:-1]), _PER_TOKEN)
             # Position t predicts token t + 1.
             loss = _mlm_loss(logits[:, :-1, :], labels[:, 1:], self.config.vocab_size)
         if not return_dict:
@@ -313,7 +352,10 @@ class MegatronBertForNextSentencePrediction(MegatronBertPreTrainedModel):
         logits = self.cls(outputs.pooler_output)
         loss = None
         if labels is not None:
-            check_labels("labels", labels, 2)
+            labels = check_labels(
+                "labels", labels, 2, shape=tuple(logits.shape[:1]),
+                what="one label per example (0: B continues A, 1: B is random)",
+            )  # fmt: skip
             loss = F.cross_entropy(logits.reshape(-1, 2).float(), labels.reshape(-1))
         return _finish(NextSentencePredictorOutput, return_dict, loss, (logits,), outputs)
 
@@ -357,6 +399,8 @@ def sequence_classification_loss(
 ) -> torch.Tensor:
     """The reference's problem_type rule; sets config.problem_type on first use, as it does."""
     num_labels = config.num_labels
+    batch = logits.shape[0]
+    check_tensor("labels", labels)
     if config.problem_type is None:
         if num_labels == 1:
             config.problem_type = "regression"
@@ -366,15 +410,17 @@ def sequence_classification_loss(
             config.problem_type = "multi_label_classification"
     if config.problem_type == "regression":
         if num_labels == 1:
+            check_label_shape("labels", labels, (batch,), "one target value per example")
             return F.mse_loss(logits.squeeze().float(), labels.squeeze().to(torch.float32))
+        check_label_shape("labels", labels, (batch, num_labels), f"{num_labels} target values per example")
         return F.mse_loss(logits.float(), labels.float())
     if config.problem_type == "single_label_classification":
-        check_labels("labels", labels, num_labels)
+        labels = check_labels("labels", labels, num_labels, shape=(batch,), what=_PER_EXAMPLE)
         return F.cross_entropy(logits.reshape(-1, num_labels).float(), labels.reshape(-1))
-    if tuple(labels.shape) != tuple(logits.shape):
-        raise ValueError(
-            f"multi-label labels must have shape {tuple(logits.shape)} (batch, num_labels), got {tuple(labels.shape)}"
-        )
+    check_label_shape(
+        "labels", labels, (batch, num_labels), f"multi-label targets: a row of {num_labels} 0/1 values per example "
+        "(for single-label classification pass integer class ids)",
+    )
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
@@ -429,8 +475,11 @@ class MegatronBertForMultipleChoice(MegatronBertPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.pooler_output)).view(-1, num_choices)  # (batch, choices)
         loss = None
         if labels is not None:
-            check_labels("labels", labels, num_choices)
-            loss = F.cross_entropy(logits.float(), labels)
+            labels = check_labels(
+                "labels", labels, num_choices, shape=tuple(logits.shape[:1]),
+                what="the index of the right choice, one per example",
+            )  # fmt: skip
+            loss = F.cross_entropy(logits.float(), labels.reshape(-1))
         return _finish(MultipleChoiceModelOutput, return_dict, loss, (logits,), outputs)
 
 
@@ -466,7 +515,10 @@ class MegatronBertForTokenClassification(MegatronBertPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (batch, seq, num_labels)
         loss = None
         if labels is not None:
-            check_labels("labels", labels, self.num_labels)
+            labels = check_labels(
+                "labels", labels, self.num_labels, shape=tuple(logits.shape[:2]),
+                what="one label id (or -100 to ignore it) per token (batch, seq)",
+            )  # fmt: skip
             loss = F.cross_entropy(logits.reshape(-1, self.num_labels).float(), labels.reshape(-1))
         return _finish(TokenClassifierOutput, return_dict, loss, (logits,), outputs)
 
@@ -501,6 +553,10 @@ class MegatronBertForQuestionAnswering(MegatronBertPreTrainedModel):
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )
         logits = self.qa_outputs(outputs.last_hidden_state)  # (batch, seq, 2)
+        if logits.shape[-1] != 2:
+            raise UserError(
+                f"{type(self).__name__} needs config.num_labels == 2 (start and end scores), got {logits.shape[-1]}"
+            )
         start_logits, end_logits = logits.split(1, dim=-1)
         start_logits = start_logits.squeeze(-1).contiguous()  # (batch, seq)
         end_logits = end_logits.squeeze(-1).contiguous()
@@ -512,6 +568,11 @@ class MegatronBertForQuestionAnswering(MegatronBertPreTrainedModel):
             end_logits = end_logits.masked_fill(pads, torch.finfo(end_logits.dtype).min)
         loss = None
         if start_positions is not None and end_positions is not None:
+            for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
+                check_label_shape(name, positions, tuple(start_logits.shape[:1]), "one token position per example")
+                if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+                    raise UserError(f"{name} must hold integer token positions, got dtype {positions.dtype}")
+            start_positions, end_positions = start_positions.long(), end_positions.long()
             if start_positions.dim() > 1:
                 start_positions = start_positions.squeeze(-1)
             if end_positions.dim() > 1:

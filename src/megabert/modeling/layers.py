@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from megabert.config import MegatronBertConfig
+from megabert.errors import UserError
 from megabert.modeling.attention import AttentionPlan, eager_attention, sdpa_attention, varlen_attention
 from megabert.modeling.cpu_matmul import linear, linear_module
 from megabert.modeling.dropout import Dropout
@@ -99,6 +100,8 @@ class MegatronBertSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
+        # The original numbers of the heads this block still has (prune_heads removes some).
+        self.kept_heads: tuple[int, ...] = tuple(range(config.num_attention_heads))
         inner = self.num_heads * self.head_dim
         self.query = nn.Linear(config.hidden_size, inner)
         self.key = nn.Linear(config.hidden_size, inner)
@@ -124,7 +127,9 @@ class MegatronBertSelfAttention(nn.Module):
             return None
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return torch.cat(weights), torch.cat(biases)
-        stamp = (_OPTIMIZER_STEPS[0],) + tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in weights + biases)
+        stamp = (_OPTIMIZER_STEPS[0],) + tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in weights + biases
+        )
         cached = self.__dict__.get("_qkv_cache")
         if cached is None or cached[0] != stamp:
             # Built outside inference mode so the cache stays usable by later no_grad calls.
@@ -141,6 +146,40 @@ class MegatronBertSelfAttention(nn.Module):
         else:
             qkv = linear(hidden_states, *fused)
         return qkv.view(*qkv.shape[:-1], 3, -1, self.head_dim)
+
+    def _mask_of_kept_heads(self, head_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """A layer's head mask (1 or batch, original heads, ...) cut to the heads this block kept.
+
+        head_mask is given per original head (config.num_attention_heads wide), whatever was
+        pruned, so the same mask means the same heads before and after pruning; the entries of
+        pruned heads are dropped.
+        """
+        if head_mask is None or head_mask.shape[-3] == self.num_heads:
+            return head_mask
+        index = torch.tensor(self.kept_heads, dtype=torch.long, device=head_mask.device)
+        return head_mask.index_select(-3, index)
+
+    @torch.no_grad()
+    def prune(self, heads: set[int]) -> list[int]:
+        """Remove the heads numbered ``heads`` (original numbers; ones already gone are skipped).
+
+        Drops their rows of the Q, K and V projections; returns the indices of the features
+        (columns of the attention output projection) that remain, for the caller to cut those.
+        """
+        if heads and set(self.kept_heads) <= set(heads):
+            raise UserError(f"cannot prune every head of an attention block (it has heads {list(self.kept_heads)})")
+        keep = [i for i, head in enumerate(self.kept_heads) if head not in heads]
+        features = [i * self.head_dim + d for i in keep for d in range(self.head_dim)]
+        if len(keep) == self.num_heads:
+            return features
+        self.query = keep_features(self.query, features, dim=0)
+        self.key = keep_features(self.key, features, dim=0)
+        self.value = keep_features(self.value, features, dim=0)
+        self.kept_heads = tuple(self.kept_heads[i] for i in keep)
+        self.num_heads = len(keep)
+        # The fused QKV weight is of the old projections: rebuild it on next use.
+        self.__dict__.pop("_qkv_cache", None)
+        return features
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # (batch, seq, heads * dim) -> (batch, heads, seq, dim)
@@ -176,6 +215,7 @@ class MegatronBertSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, KeyValue | None]:
         """Returns (context, attention weights or None, this block's key/value for the cache or None)."""
         dropout_p = self.dropout_p if self.training else 0.0
+        head_mask = self._mask_of_kept_heads(head_mask)
 
         if plan.mode == "varlen":
             # packed (tokens, hidden) -> (tokens, 3, heads, dim) -> context (tokens, heads, dim)
@@ -232,6 +272,25 @@ class MegatronBertSelfAttention(nn.Module):
         return context, (weights if output_attentions else None), present
 
 
+def keep_features(layer: nn.Linear, index: list[int], dim: int) -> nn.Linear:
+    """A new Linear holding only the output (``dim=0``) or input (``dim=1``) features ``index`` of ``layer``.
+
+    Same dtype, device and requires_grad; the bias follows the output features.
+    """
+    positions = torch.tensor(index, dtype=torch.long, device=layer.weight.device)
+    weight = layer.weight.index_select(dim, positions)
+    out_features, in_features = weight.shape
+    new = nn.Linear(
+        in_features, out_features, bias=layer.bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias if dim == 1 else layer.bias.index_select(0, positions))
+    new.requires_grad_(layer.weight.requires_grad)
+    return new
+
+
 class ResidualProjection(nn.Module):
     """dense -> dropout -> + residual (un-normalised): the end of the attention and MLP blocks."""
 
@@ -253,6 +312,22 @@ class MegatronBertAttention(nn.Module):
         self.ln = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self = MegatronBertSelfAttention(config)
         self.output = ResidualProjection(config.hidden_size, config)  # attention output
+        self.total_heads = config.num_attention_heads  # before any pruning
+
+    @property
+    def pruned_heads(self) -> set[int]:
+        """The original numbers of the heads prune_heads removed from this block."""
+        return set(range(self.total_heads)) - set(self.self.kept_heads)
+
+    def prune_heads(self, heads: set[int] | list[int]) -> None:
+        """Remove attention heads (original numbers; already-pruned ones are skipped).
+
+        Their Q/K/V rows and the matching input columns of the output projection go; the
+        outputs equal those of the unpruned block under a head_mask zeroing those heads.
+        """
+        features = self.self.prune(set(heads))
+        if len(features) != self.output.dense.in_features:
+            self.output.dense = keep_features(self.output.dense, features, dim=1)
 
     def forward(
         self,

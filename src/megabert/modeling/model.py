@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megabert.config import MegatronBertConfig
 from megabert.modeling.attention import AttentionPlan, additive_mask_from, varlen_plan
-from megabert.modeling.inputs import check_model_inputs
+from megabert.modeling.inputs import check_head_mask, check_model_inputs
 from megabert.modeling.layers import MegatronBertEmbeddings, MegatronBertLayer, MegatronBertPooler
 from megabert.modeling.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from megabert.modeling.pretrained import MegatronBertPreTrainedModel
@@ -77,7 +77,12 @@ class MegatronBertEncoder(nn.Module):
 
 
 def _expand_head_mask(head_mask: torch.Tensor, num_layers: int, dtype: torch.dtype) -> torch.Tensor:
-    """(heads,) or (layers, heads) -> (layers, 1, heads, 1, 1), broadcastable onto the weights."""
+    """(heads,) or (layers, heads) -> (layers, 1, heads, 1, 1), broadcastable onto the weights.
+
+    A 5-D mask is already expanded (its shape was checked by ``check_head_mask``).
+    """
+    if head_mask.dim() == 5:
+        return head_mask.to(dtype)
     if head_mask.dim() == 1:
         head_mask = head_mask.unsqueeze(0).expand(num_layers, -1)
     return head_mask[:, None, :, None, None].to(dtype)
@@ -169,6 +174,7 @@ class MegatronBertModel(MegatronBertPreTrainedModel):
         batch, seq_len = check_model_inputs(
             config, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids, past_len
         )
+        check_head_mask(config, head_mask, batch, seq_len, past_len + seq_len)
         device = input_ids.device if input_ids is not None else inputs_embeds.device  # type: ignore[union-attr]
         dtype = self.dtype
 

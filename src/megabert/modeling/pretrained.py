@@ -3,7 +3,14 @@
 A model folder holds ``config.json`` and the weights as ``model.safetensors`` (or shards
 ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``); reading also
 accepts ``pytorch_model.bin`` and its sharded index. Pickled ``.bin`` files are read with
-``torch.load(weights_only=True)``, which refuses to run code stored in the file.
+the restricted unpickler of :mod:`megabert.convert.safe_pickle`, which refuses to run code
+stored in the file.
+
+Every reader of a model folder (``from_pretrained``, ``megabert info``, ``convert
+to-megatron``, the prediction commands, ``finetune --init``) goes through the checked loader
+here (:func:`weight_files`, :func:`read_state_dict`, :func:`read_tensor_shapes`): a damaged
+file, a shard named outside the folder, a refused pickle or a non-finite weight is one
+:class:`CheckpointError` line naming the file (and the tensor).
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
-from megabert.config import MegatronBertConfig
+from megabert.config import MegatronBertConfig, check_pruned_heads
+from megabert.errors import UserError
 from megabert.utils import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -44,8 +53,8 @@ _WEIGHT_FILE = re.compile(
 ModelT = TypeVar("ModelT", bound="MegatronBertPreTrainedModel")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded (missing files, shapes that don't fit)."""
+class CheckpointError(UserError):
+    """A checkpoint folder that cannot be loaded (missing or damaged files, shapes that don't fit)."""
 
 
 def _parse_size(size: int | str) -> int:
@@ -70,46 +79,199 @@ def _resolve_dtype(dtype: torch.dtype | str | None, config: MegatronBertConfig) 
     return resolved
 
 
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a model folder, from whichever weight files it has."""
+# safetensors' reasons, in words (the library's own text is kept in parentheses).
+_SAFETENSORS_REASONS = (
+    ("header too small", "the file is too short to hold a safetensors header (empty or cut off)"),
+    ("incomplete metadata", "the file is shorter than its header says (truncated download?)"),
+    ("invalid JSON", "its header is not valid (the file is damaged or not safetensors)"),
+    ("header too large", "its header is not valid (the file is damaged or not safetensors)"),
+)
+
+
+def _safetensors_error(path: Path, exc: BaseException) -> CheckpointError:
+    raw = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raw = raw.removeprefix("Error while deserializing header: ")
+    reason = next((words for key, words in _SAFETENSORS_REASONS if key.lower() in raw.lower()), "it cannot be read")
+    return CheckpointError(f"{path} is not a readable safetensors file: {reason} ({raw}); re-download or re-save it")
+
+
+def _shard_path(folder: Path, index_path: Path, name: Any) -> Path:
+    """The path of a shard an index names; it must be a relative path inside ``folder``.
+
+    Checked by name, not by resolving links: the Hugging Face cache keeps a folder's files as
+    links into a blob store beside it, which is fine; a name like ``../outside.safetensors``
+    or ``/etc/x`` is not, whatever is there.
+    """
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise CheckpointError(f"{index_path}: the weight_map names a shard {name!r}, which is not a file name")
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
+        raise CheckpointError(
+            f"{index_path}: the weight_map names shard {name!r}, which is outside the model folder {folder}; "
+            "shards must be files inside the folder (e.g. model-00001-of-00002.safetensors)"
+        )
+    return folder / name
+
+
+def _read_index(index_path: Path, folder: Path) -> list[Path]:
+    """The shard files of an index, each checked to be inside ``folder`` and present."""
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path} is not a valid shard index ({exc})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path} is not a valid shard index (its weight_map is not a non-empty object)")
+    shards: dict[str, Path] = {}
+    for name in weight_map.values():
+        path = _shard_path(folder, index_path, name)
+        if name not in shards:
+            if not path.is_file():
+                raise CheckpointError(f"shard {name} named in {index_path} is missing")
+            shards[name] = path
+    return sorted(shards.values())
+
+
+def weight_files(folder: str | os.PathLike) -> tuple[str, list[Path]]:
+    """("safetensors" or "bin", the weight files) of a model folder, in the order they are read.
+
+    One file, or the shards its index names (each checked to lie inside the folder). Raises
+    :class:`CheckpointError` when the folder holds no weights.
+    """
+    folder = Path(folder)
     if (folder / SAFE_WEIGHTS_NAME).is_file():
-        return load_safetensors(str(folder / SAFE_WEIGHTS_NAME))
-    for index_name, loader in ((SAFE_WEIGHTS_INDEX_NAME, "safetensors"), (WEIGHTS_INDEX_NAME, "bin")):
-        index_path = folder / index_name
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index_path} is not a valid shard index ({exc})") from None
-            state: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                shard_path = folder / shard
-                if not shard_path.is_file():
-                    raise CheckpointError(f"shard {shard} named in {index_path} is missing")
-                state.update(load_safetensors(str(shard_path)) if loader == "safetensors" else _load_bin(shard_path))
-            return state
+        return "safetensors", [folder / SAFE_WEIGHTS_NAME]
+    for index_name, kind in ((SAFE_WEIGHTS_INDEX_NAME, "safetensors"), (WEIGHTS_INDEX_NAME, "bin")):
+        if (folder / index_name).is_file():
+            return kind, _read_index(folder / index_name, folder)
     if (folder / WEIGHTS_NAME).is_file():
-        return _load_bin(folder / WEIGHTS_NAME)
+        return "bin", [folder / WEIGHTS_NAME]
     raise CheckpointError(
         f"no weights in {folder}: expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, {WEIGHTS_NAME} "
         f"or {WEIGHTS_INDEX_NAME}"
     )
 
 
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """A pickled state dict, loaded without running any code the file may carry."""
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError...
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint ({first_line})"
-        ) from None
+        return load_safetensors(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise _safetensors_error(path, exc) from None
+
+
+_LOAD_ANYWAY = "(from Python, from_pretrained(..., check_finite=False) loads it anyway)"
+
+
+def check_finite_weights(
+    state: dict[str, torch.Tensor], source: str | os.PathLike, advice: str = _LOAD_ANYWAY
+) -> None:
+    """Raise CheckpointError naming the first tensor of ``state`` that holds NaN or inf.
+
+    One vectorised pass per floating-point tensor: cheap next to reading the file. A damaged
+    file whose header is intact, or a model saved from a diverged run, loads otherwise and
+    silently gives NaN outputs. ``advice`` ends the message.
+    """
+    for key, tensor in state.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = tensor.numel() - int(finite.sum())
+            raise CheckpointError(
+                f"{source}: weight {key} holds {bad} non-finite value(s) (NaN or inf) out of {tensor.numel()}: "
+                f"the file is damaged, or was saved from a run that diverged {advice}"
+            )
+
+
+def read_state_dict(folder: str | os.PathLike, check_finite: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of a model folder, from whichever weight files it has, checked.
+
+    A damaged or truncated file, a shard outside the folder, a pickle that is refused (see
+    :mod:`megabert.convert.safe_pickle`) and, unless ``check_finite=False``, a tensor holding
+    NaN or inf raise :class:`CheckpointError` naming the file (and the tensor).
+    """
+    kind, files = weight_files(folder)
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        part = _load_safetensors(path) if kind == "safetensors" else _load_bin(path)
+        if check_finite:
+            check_finite_weights(part, path)
+        state.update(part)
+    return state
+
+
+def read_tensor_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every stored tensor, from the safetensors headers (``.bin`` files are loaded).
+
+    Reads no tensor data from safetensors files, so it is quick on large models; a damaged
+    header is a :class:`CheckpointError` as in :func:`read_state_dict`.
+    """
+    kind, files = weight_files(folder)
+    if kind == "bin":
+        return {key: tuple(t.shape) for path in files for key, t in _load_bin(path).items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise _safetensors_error(path, exc) from None
+    return shapes
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, loaded without running any code the file may carry.
+
+    The same restricted unpickler as the Megatron converter's (:func:`~megabert.convert.safe_pickle.safe_load`):
+    its error says in plain words what was refused and why.
+    """
+    from megabert.convert.safe_pickle import safe_load
+
+    try:
+        state = safe_load(path)
+    except UserError as exc:
+        raise CheckpointError(str(exc)) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(state).__name__})")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _resized_rows(old: torch.Tensor, size: int, mean_resizing: bool, std: float) -> nn.Parameter:
+    """``old`` (rows, ...) cut or extended to ``size`` rows, as a new Parameter (same requires_grad).
+
+    Added rows: with ``mean_resizing``, transformers 5.x's rule (a new token starts as an
+    average one, so predictions over the old vocabulary barely move): drawn from
+    N(mean, 1e-9 * covariance) of the old rows when that covariance is positive definite, else
+    the mean; a bias (1-D) from N(mean, (1e-9 * std)^2). Without it, normal(0, ``std``).
+    """
+    rows = old.shape[0]
+    new = old.new_empty((size, *old.shape[1:]))
+    kept = min(rows, size)
+    new[:kept] = old[:kept]
+    added = size - rows
+    if added > 0:
+        if not mean_resizing and std > 0:
+            new[rows:].normal_(0.0, std)
+        elif not mean_resizing:
+            new[rows:].zero_()
+        elif old.dim() == 1:
+            values = old.float()
+            spread = 1e-9 * float(values.std()) if rows > 1 else 0.0
+            new[rows:] = torch.randn(added, device=old.device) * spread + values.mean()
+        else:
+            values = old.float()
+            mean = values.mean(0)
+            centred = values - mean
+            covariance = 1e-9 * (centred.T @ centred) / rows
+            factor, info = torch.linalg.cholesky_ex(covariance)
+            if int(info) == 0:  # positive definite: a distribution to sample from
+                noise = torch.randn(added, mean.shape[0], device=old.device) @ factor.T
+                new[rows:] = mean + noise
+            else:
+                new[rows:] = mean
+    return nn.Parameter(new, requires_grad=old.requires_grad)
 
 
 class MegatronBertPreTrainedModel(nn.Module):
@@ -137,6 +299,9 @@ class MegatronBertPreTrainedModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        """Prune the heads ``config.pruned_heads`` names (so a pruned folder's weights fit), then initialise and tie."""
+        if self.config.pruned_heads:
+            self.prune_heads(self.config.pruned_heads)
         self.apply(self._init_weights)
         self.tie_weights()
 
@@ -144,12 +309,25 @@ class MegatronBertPreTrainedModel(nn.Module):
         """Called at the end of every model's __init__: initialise and tie."""
         self.init_weights()
 
+    def _base_model(self) -> nn.Module:
+        """The bare encoder: ``self.bert`` in the head models, the model itself in MegatronBertModel."""
+        return getattr(self, self.base_model_prefix, self)
+
     def get_output_embeddings(self) -> nn.Linear | None:
+        """The MLM decoder (vocabulary projection) of the models that have one; None for the others."""
         return None
 
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        """Replace the MLM decoder; only the models with an MLM head have one."""
+        raise UserError(f"{type(self).__name__} has no output embeddings (no MLM decoder) to replace")
+
     def get_input_embeddings(self) -> nn.Embedding:
-        base = getattr(self, self.base_model_prefix, self)
-        return base.embeddings.word_embeddings
+        """The word embeddings (vocab_size, hidden_size) of the encoder."""
+        return self._base_model().embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the encoder's word embeddings (a tied decoder follows at the next tie_weights)."""
+        self._base_model().embeddings.word_embeddings = value
 
     def tie_weights(self) -> None:
         """Share the word embeddings with the MLM decoder when config.tie_word_embeddings."""
@@ -169,17 +347,104 @@ class MegatronBertPreTrainedModel(nn.Module):
                 return param.dtype
         return torch.get_default_dtype()
 
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Number of distinct parameters (tied weights counted once)."""
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (tied weights counted once), as in `transformers`.
+
+        ``only_trainable``: those with requires_grad only; ``exclude_embeddings``: leave out the
+        weights of every nn.Embedding (word, position, token type, relative distance).
+        """
         seen: set[int] = set()
         total = 0
         embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         for param in self.parameters():
             if id(param) in seen or (exclude_embeddings and id(param) in embeddings):
                 continue
+            if only_trainable and not param.requires_grad:
+                continue
             seen.add(id(param))
             total += param.numel()
         return total
+
+    # ------------------------------------------------------ vocabulary size
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """Give the model ``new_num_tokens`` word embeddings (rounded up to ``pad_to_multiple_of``).
+
+        The input embeddings, the MLM decoder (tied or not) and its bias are cut or extended at
+        the end; the rows of the tokens kept are unchanged, and ``config.vocab_size`` follows.
+        Added rows are initialised as `transformers` 5.x does: with ``mean_resizing`` (default)
+        near the mean of the old rows (the decoder bias of an untied decoder near its mean;
+        that of a tied one with zeros); without it from normal(0, initializer_range), bias 0.
+        Returns the input embedding module (the same module, holding the new weight);
+        with neither argument, it is returned unchanged. A tied decoder stays tied.
+        """
+        embeddings = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return embeddings
+        for name, value in (("new_num_tokens", new_num_tokens), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UserError(f"resize_token_embeddings: {name} must be a positive integer (>= 1), got {value!r}")
+        size = embeddings.num_embeddings if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+        pad = self.config.pad_token_id
+        if pad is not None and pad >= size:
+            # transformers drops the padding index then, and leaves a config that names a token
+            # outside the vocabulary (which megabert's config refuses): refuse it here instead.
+            raise UserError(
+                f"resize_token_embeddings: {size} tokens would leave out the padding token "
+                f"(config.pad_token_id = {pad}); keep at least {pad + 1} tokens or change pad_token_id"
+            )
+        decoder = self.get_output_embeddings()
+        tied = decoder is not None and decoder.weight is embeddings.weight
+        std = self.config.initializer_range
+        with torch.no_grad():
+            embeddings.weight = _resized_rows(embeddings.weight, size, mean_resizing, std)
+            embeddings.num_embeddings = size
+            if decoder is not None:
+                if not tied:  # a tied decoder gets the new embedding weight from tie_weights below
+                    decoder.weight = _resized_rows(decoder.weight, size, mean_resizing, std)
+                if decoder.bias is not None:
+                    # transformers 5.x pads a tied decoder's bias with zeros when it re-ties, and
+                    # mean-resizes an untied one's.
+                    decoder.bias = _resized_rows(decoder.bias, size, mean_resizing and not tied, std=0.0)
+                decoder.out_features = size
+                self.set_output_embeddings(decoder)  # re-points cls.predictions.bias at the new bias
+        self.config.vocab_size = size
+        self.tie_weights()
+        return embeddings
+
+    # --------------------------------------------------------------- pruning
+    def prune_heads(self, heads_to_prune: dict[int, list[int]]) -> None:
+        """Remove attention heads: ``{layer: [head, ...]}``, heads by their original numbers.
+
+        Each head's rows of the Q, K and V projections and its input columns of the attention
+        output projection are removed, so the layer computes what the unpruned one does under a
+        head_mask zeroing those heads. ``config.pruned_heads`` records every head pruned so far
+        (merged with earlier calls), so that a saved pruned model reloads; heads pruned before
+        are skipped. Only self-attention is pruned (cross-attention keeps its heads), as in
+        `transformers` 4.x. A head_mask stays indexed by original head numbers. A layer or head
+        out of range, or leaving a layer without heads, is a UserError naming it.
+        """
+        layers = self._base_model().encoder.layer
+        heads_per_layer = self.config.num_attention_heads
+        requested = check_pruned_heads(heads_to_prune, len(layers), heads_per_layer, "prune_heads")
+        for layer, heads in requested.items():
+            attention = layers[layer].attention
+            if set(attention.self.kept_heads) <= set(heads):
+                raise UserError(
+                    f"prune_heads: pruning heads {heads} of layer {layer} would remove all its remaining heads "
+                    f"({sorted(attention.self.kept_heads)}; {sorted(attention.pruned_heads)} were pruned before); "
+                    "keep at least one"
+                )
+        for layer, heads in requested.items():
+            layers[layer].attention.prune_heads(heads)
+            pruned = set(self.config.pruned_heads.get(layer, [])) | set(heads)
+            self.config.pruned_heads[layer] = sorted(pruned)
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each layer's activations in backward (less memory, same gradients)."""
@@ -207,6 +472,7 @@ class MegatronBertPreTrainedModel(nn.Module):
         attn_implementation: str | None = None,
         unpad_inputs: bool | None = None,
         config: MegatronBertConfig | None = None,
+        check_finite: bool = True,
         **config_overrides: Any,
     ) -> ModelT:
         """Load a model folder written by megabert or `transformers`.
@@ -216,6 +482,8 @@ class MegatronBertPreTrainedModel(nn.Module):
         ``unpad_inputs``: run padded batches on real tokens only (outputs at pad positions are
         then zeros); None does so in eval mode only; ``False`` gives the reference's values at
         every position.
+        ``check_finite``: refuse weights holding NaN or inf (a :class:`CheckpointError` naming
+        the tensor); ``False`` loads them as they are.
         Any other keyword overrides a config field (e.g. ``num_labels=3``). Weights of a head
         the checkpoint lacks are initialised and named in a warning.
         """
@@ -235,7 +503,7 @@ class MegatronBertPreTrainedModel(nn.Module):
         elif config_overrides:
             config = config.copy(**config_overrides)
         torch_dtype = _resolve_dtype(dtype, config)
-        state = read_state_dict(folder)
+        state = read_state_dict(folder, check_finite=check_finite)
 
         model = cls(config)
         model.load_checkpoint_state(state, source=str(folder))

@@ -43,6 +43,10 @@ _NAME = re.compile(r"^step-(\d+)$")
 FORMAT_VERSION = 1
 
 
+class IncompatibleCheckpoint(UserError):
+    """A checkpoint that is whole but was written for another model, run or layout."""
+
+
 @dataclass
 class CheckpointConfig:
     """When to write checkpoints and where to resume from."""
@@ -98,30 +102,148 @@ def clean_partial(root: str | os.PathLike) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def resolve_resume(spec: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path | None:
+def file_sizes(folder: str | os.PathLike) -> dict[str, int]:
+    """``relative path -> bytes`` of every file under a checkpoint folder but its INFO_FILE.
+
+    Recorded in trainer_state.json when the checkpoint is written, so that a file truncated or
+    lost afterwards (a full disk during a copy, a partial rsync) is found before loading.
+    """
+    folder = Path(folder)
+    sizes = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != INFO_FILE:
+            sizes[path.relative_to(folder).as_posix()] = path.stat().st_size
+    return sizes
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    """Why a .safetensors file cannot be whole (its header says more bytes than it has), or None."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return f"{path.name} is {size} bytes, too short for a safetensors header"
+            length = int.from_bytes(head, "little")
+            if length > size - 8:
+                return f"{path.name} is {size:,} bytes, shorter than its own header says ({length:,} header bytes)"
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return f"{path.name}: unreadable safetensors header ({exc})"
+    if not isinstance(header, dict):
+        return f"{path.name}: unreadable safetensors header"
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        return f"{path.name} is {size:,} bytes, its header needs {expected:,} (truncated)"
+    return None
+
+
+def checkpoint_damage(folder: str | os.PathLike) -> str | None:
+    """What is wrong with a complete-looking checkpoint folder, or None when it looks intact.
+
+    Cheap checks, no tensors loaded: trainer_state.json parses; every file it lists has the
+    size it had when saved (checkpoints written since sizes are recorded); trainer_state.pt is
+    a whole zip (its directory is at the end, so a truncated file fails); each safetensors
+    file holds the bytes its header promises.
+    """
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{INFO_FILE} is not readable ({exc})"
+    if not isinstance(info, dict):
+        return f"{INFO_FILE} is not a JSON object"
+    for name, size in sorted((info.get("files") or {}).items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{name} is {actual:,} bytes, {size:,} when it was saved"
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(folder / STATE_FILE):
+            pass
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"{STATE_FILE} is not a whole torch file ({exc})"
+    for path in sorted((folder / MODEL_DIR).glob("*.safetensors")):
+        problem = _safetensors_damage(path)
+        if problem is not None:
+            return f"{MODEL_DIR}/{problem}"
+    return None
+
+
+def resolve_resume(
+    spec: str | os.PathLike | None,
+    output_dir: str | os.PathLike,
+    on_damaged: Callable[[Path, str, Path | None], None] | None = None,
+) -> Path | None:
     """The checkpoint folder ``--resume`` names, or None to start fresh.
 
-    ``auto``: the latest complete checkpoint in ``OUT/checkpoints`` (None if there is none, so
-    the same command starts or continues a run). A path: a checkpoint folder, or an output
-    folder whose latest checkpoint is taken. Anything else is a UserError saying what was found.
+    ``auto``: the latest intact checkpoint in ``OUT/checkpoints`` (None if there is none, so
+    the same command starts or continues a run). A damaged one (:func:`checkpoint_damage`) is
+    passed over for the one before it, and ``on_damaged(damaged, why, used_instead)`` says so;
+    when every checkpoint is damaged it is a UserError naming the latest. A path: a checkpoint
+    folder, or an output folder whose latest checkpoint is taken; a damaged one is a UserError
+    that names it and offers the previous intact one. Anything else is a UserError saying what
+    was found.
     """
     if spec is None or spec == "":
         return None
     if str(spec) == "auto":
-        return latest_checkpoint(Path(output_dir) / CHECKPOINTS_DIR)
+        found = [folder for _, folder in reversed(list_checkpoints(Path(output_dir) / CHECKPOINTS_DIR))]
+        damaged: list[tuple[Path, str]] = []
+        for folder in found:
+            why = checkpoint_damage(folder)
+            if why is None:
+                for bad, reason in damaged:
+                    if on_damaged is not None:
+                        on_damaged(bad, reason, folder)
+                return folder
+            damaged.append((folder, why))
+        if damaged:
+            bad, reason = damaged[0]
+            raise UserError(
+                f"--resume auto: the latest checkpoint {bad} is damaged ({reason}), and so "
+                f"{'is every earlier one' if len(damaged) > 1 else 'there is no earlier one'}: nothing to resume "
+                "from; start a new run in another output folder"
+            )
+        return None
     path = Path(spec)
     if not path.exists():
         raise UserError(f"--resume {path}: no such checkpoint folder")
+    chosen = None
     if path.is_dir() and is_complete(path):
-        return path
-    for root in (path / CHECKPOINTS_DIR, path):
-        latest = latest_checkpoint(root)
-        if latest is not None:
-            return latest
-    raise UserError(
-        f"--resume {path}: not a complete checkpoint (expected {MODEL_DIR}/, {STATE_FILE} and {INFO_FILE}, "
-        f"or an output folder with {CHECKPOINTS_DIR}/step-N inside)"
-    )
+        chosen = path
+    else:
+        for root in (path / CHECKPOINTS_DIR, path):
+            chosen = latest_checkpoint(root)
+            if chosen is not None:
+                break
+    if chosen is None:
+        raise UserError(
+            f"--resume {path}: not a complete checkpoint (expected {MODEL_DIR}/, {STATE_FILE} and {INFO_FILE}, "
+            f"or an output folder with {CHECKPOINTS_DIR}/step-N inside)"
+        )
+    why = checkpoint_damage(chosen)
+    if why is not None:
+        earlier = previous_checkpoint(chosen)
+        offer = f"; the previous intact one is {earlier}: pass --resume {earlier}" if earlier is not None else ""
+        raise UserError(f"--resume {path}: checkpoint {chosen} is damaged ({why}){offer}")
+    return chosen
+
+
+def previous_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The intact checkpoint before ``folder`` in the same checkpoints folder, or None."""
+    folder = Path(folder)
+    earlier = [f for _, f in list_checkpoints(folder.parent) if f.name < folder.name]
+    for candidate in reversed(earlier):
+        if checkpoint_damage(candidate) is None:
+            return candidate
+    return None
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -199,6 +321,7 @@ def save_checkpoint(
             save_extras(model_dir)
         torch.save(dict(state), tmp / STATE_FILE)
         record = {"format_version": FORMAT_VERSION, "step": step, "saved_at": time.time(), **info}
+        record["files"] = file_sizes(tmp)  # checked by checkpoint_damage on resume
         (tmp / INFO_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return target
 
@@ -235,13 +358,44 @@ def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> list[Path]:
     return removed
 
 
-def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``key: saved -> current`` for every key whose value differs (missing keys count)."""
+# Signature keys added after FORMAT_VERSION 1 checkpoints were first written: a checkpoint
+# without one was made before megabert recorded it, and resumes (nothing to compare with).
+ADDED_SIGNATURE_KEYS = ("data",)
+
+
+def _comparable(value: Any) -> Any:
+    """A setting as compared on resume: a located one (a dict with a "prefix") by its contents only.
+
+    So that a dataset copied elsewhere (node-local disk, another mount) resumes, while another
+    dataset under any name does not.
+    """
+    if isinstance(value, Mapping) and "prefix" in value:
+        return {k: v for k, v in value.items() if k != "prefix"}
+    return value
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, Mapping) and "prefix" in value:
+        rest = ", ".join(str(v) for k, v in sorted(value.items()) if k != "prefix")
+        return f"{value['prefix']} ({rest})" if rest else str(value["prefix"])
+    return repr(value)
+
+
+def describe_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], added: tuple[str, ...] = ()
+) -> list[str]:
+    """``key: saved -> current`` for every key whose value differs (missing keys count).
+
+    Keys in ``added`` that ``saved`` lacks are skipped (settings recorded only by newer versions).
+    A located setting (a dict with a ``prefix``) differs when its other entries do.
+    """
     diffs = []
     for key in sorted(set(saved) | set(current)):
+        if key in added and key not in saved:
+            continue
         a, b = saved.get(key), current.get(key)
-        if a != b:
-            diffs.append(f"{key}: {a!r} in the checkpoint, {b!r} now")
+        if _comparable(a) != _comparable(b):
+            diffs.append(f"{key}: {_shown(a)} in the checkpoint, {_shown(b)} now")
     return diffs
 
 
@@ -252,10 +406,10 @@ def check_compatible(
     problems = []
     if model_config is not None and info.get("model_config") is not None:
         problems += describe_differences(info["model_config"], model_config)
-    problems += describe_differences(info.get("signature") or {}, dict(signature))
+    problems += describe_differences(info.get("signature") or {}, dict(signature), ADDED_SIGNATURE_KEYS)
     if problems:
         shown = "; ".join(problems[:6]) + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
-        raise UserError(
+        raise IncompatibleCheckpoint(
             f"cannot resume from {folder}: it was written for a different configuration ({shown}). "
             "Resume with the same settings, or start a new run in another output folder."
         )

@@ -154,10 +154,10 @@ def _check_resumable(folder: Path, info: dict[str, Any], trainer: "Trainer") -> 
         problems += ckpt.describe_differences(saved_config, model_config)
     saved = {k: v for k, v in (info.get("signature") or {}).items() if k not in LAYOUT_KEYS}
     now = {k: v for k, v in trainer.signature().items() if k not in LAYOUT_KEYS}
-    problems += ckpt.describe_differences(saved, now)
+    problems += ckpt.describe_differences(saved, now, ckpt.ADDED_SIGNATURE_KEYS)
     if problems:
         shown = "; ".join(problems[:6]) + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
-        raise UserError(
+        raise ckpt.IncompatibleCheckpoint(
             f"cannot resume from {folder}: it was written for a different configuration ({shown}). "
             "Resume with the same settings, or start a new run in another output folder."
         )
@@ -170,13 +170,13 @@ def _resume_position(folder: Path, saved: dict[str, Any], now: dict[str, Any], p
     if same:
         return micro_batches
     if saved.get("global_batch") is None or now.get("global_batch") is None:
-        raise UserError(
+        raise ckpt.IncompatibleCheckpoint(
             f"cannot resume {folder} under another data layout (it was written with data parallel "
             f"{saved.get('data_parallel')}, grad accum {saved.get('grad_accum')}; now {now.get('data_parallel')}, "
             f"{now.get('grad_accum')}): the batch source does not say its batch size. Resume with the same layout."
         )
     if saved["global_batch"] != now["global_batch"]:
-        raise UserError(
+        raise ckpt.IncompatibleCheckpoint(
             f"cannot resume {folder}: it took {saved['global_batch']} samples per optimizer step "
             f"(batch x grad accum x data parallel), this run takes {now['global_batch']}. Keep "
             "batch size x grad accum x data-parallel ranks the same when changing the layout."
@@ -253,6 +253,8 @@ def save_distributed_checkpoint(trainer: "Trainer", context: "ParallelContext") 
             "model_config": trainer.model_config_record(),
             "signature": trainer.signature(),
             "layout": layout,
+            # Every rank's shards are written (dcp.save returned on all of them): sizes for resume checks.
+            "files": ckpt.file_sizes(partial),
         }
         text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
         (partial / ckpt.INFO_FILE).write_text(text, encoding="utf-8")  # last: marks the folder complete

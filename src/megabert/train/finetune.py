@@ -94,7 +94,7 @@ from megabert.train.trainer import (
     resolve_device,
     seed_everything,
 )
-from megabert.utils import atomic_folder
+from megabert.utils import atomic_folder, lock_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -381,7 +381,9 @@ def finetune(
     against the model's positions. See the module docstring for the outputs.
 
     ``distributed``: the Trainer's hooks of a torch.distributed run (every rank calls this
-    function with its own); default: one process.
+    function with its own); default: one process. The main rank holds the lock of ``output``
+    for the whole run (:func:`megabert.utils.lock_output_folder`): a second run into the same
+    folder stops at once, naming the holder's pid.
     """
     task = canonical_task(task)
     data = data or DataOptions()
@@ -389,6 +391,28 @@ def finetune(
     config = config or FinetuneConfig()
     config.validate()
     hooks = distributed or DistributedHooks()
+    # One run per output folder: the main rank (the only writer) holds the lock until the run
+    # ends; a second run stops here, before it reads (or, with overwrite, removes) anything.
+    lock = lock_output_folder(output, "finetune") if hooks.is_main else None
+    try:
+        return _finetune_locked(task, model, train, validation, output, data, config, tokenizer, hooks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _finetune_locked(
+    task: str,
+    model: str | os.PathLike,
+    train: str | os.PathLike,
+    validation: str | os.PathLike,
+    output: str | os.PathLike,
+    data: DataOptions,
+    config: FinetuneConfig,
+    tokenizer: str | os.PathLike | None,
+    hooks: DistributedHooks,
+) -> FinetuneResult:
+    """The body of :func:`finetune` (settings validated, output folder locked)."""
     progress = config.progress and hooks.is_main  # one set of progress bars, the main rank's
     model_dir = Path(model)
     output_dir = Path(output)

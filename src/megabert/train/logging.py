@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from megabert.utils import atomic_path, atomic_write_text
+from megabert.utils import atomic_path, atomic_write_text, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +104,15 @@ class MetricsLogger:
         """Append one record; returns it (values converted to plain floats)."""
         record: dict[str, Any] = {"step": int(step), "split": split}
         record.update({k: _clean(v) for k, v in values.items()})
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
-            handle.flush()
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+                handle.flush()
+        except OSError as exc:
+            error = write_error(exc, self.path)  # a bare write() error names no file
+            if error is None:
+                raise
+            raise error from None
         if self._tb is not None:
             for key, value in record.items():
                 if key not in ("step", "split") and isinstance(value, (int, float)):

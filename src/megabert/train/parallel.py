@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megabert.errors import UserError
+from megabert.errors import RunError, UserError
 from megabert.train.trainer import Batch, DistributedHooks, ResumableLoader, as_batch_source
 
 T = TypeVar("T")
@@ -61,7 +61,7 @@ _HEARTBEAT_PREFIX = "megabert/heartbeat/"
 _BUCKET_BYTES = 25 * 2**20  # gradient all-reduce bucket (as DDP's default)
 
 
-class PeerFailure(RuntimeError):
+class PeerFailure(RunError):
     """Another rank died, froze or failed: this rank cannot go on."""
 
 

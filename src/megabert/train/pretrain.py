@@ -53,7 +53,7 @@ from megabert.train.trainer import (
     move_to_device,
     seed_everything,
 )
-from megabert.utils import atomic_folder, atomic_write_text
+from megabert.utils import atomic_folder, atomic_write_text, lock_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,35 @@ def check_data_vocab(prefix: str | os.PathLike, vocab_size: int, what: str = "--
                 "the data was preprocessed with another tokenizer; preprocess it again with --tokenizer"
             )
     return data.num_documents, data.num_tokens
+
+
+def data_fingerprint(prefix: str | os.PathLike) -> dict[str, str]:
+    """What identifies an indexed dataset for a resume: its prefix (for the message) and contents.
+
+    Contents: the sizes of PREFIX.idx and PREFIX.bin and a SHA-256 of the index (whole up to
+    64 MiB; above that its first and last 16 MiB, which hold the sizes, the document index and
+    the file's end). A resume compares the contents only, so a copy of the data elsewhere resumes.
+    """
+    import hashlib
+
+    from megabert.data.indexed import bin_path, idx_path
+
+    index, tokens = idx_path(prefix), bin_path(prefix)
+    size = index.stat().st_size
+    digest = hashlib.sha256()
+    window = 16 << 20
+    with open(index, "rb") as handle:
+        if size <= 4 * window:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        else:
+            digest.update(handle.read(window))
+            handle.seek(size - window)
+            digest.update(handle.read(window))
+    return {
+        "prefix": str(prefix),
+        "content": f".idx {size:,} bytes sha256 {digest.hexdigest()[:16]}, .bin {tokens.stat().st_size:,} bytes",
+    }
 
 
 # ---------------------------------------------------------------------------------- objective
@@ -366,10 +395,10 @@ def run_pretraining(
 
     Everything is checked before the first step: the tokenizer, both data prefixes and their
     token ids against the vocabulary, the model config (vocabulary, positions), the training
-    settings, and a resumed checkpoint's config.
+    settings, and a resumed checkpoint's config. The main rank holds the output folder's lock
+    (:func:`megabert.utils.lock_output_folder`) for the whole run: a second run into the same
+    ``output_dir`` stops at once with a UserError naming the holder's pid.
     """
-    from megabert.data.pretraining import PretrainingCollator, PretrainingDataset
-
     data.validate()
     trainer_config.validate()
     optimizer = optimizer or OptimizerConfig()
@@ -380,6 +409,31 @@ def run_pretraining(
     checkpoints.validate()
     metrics = metrics or MetricsConfig()
     hooks = distributed or DistributedHooks()
+    # One run per output folder: the main rank (the only writer) holds the lock until the run
+    # ends; a second run into the same folder stops here, before reading any data.
+    lock = lock_output_folder(trainer_config.output_dir, "pretrain") if hooks.is_main else None
+    try:
+        return _run_pretraining_locked(
+            model_spec, tokenizer_path, data, trainer_config, optimizer, schedule, checkpoints, metrics, hooks
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_pretraining_locked(
+    model_spec: str | os.PathLike,
+    tokenizer_path: str | os.PathLike,
+    data: PretrainDataConfig,
+    trainer_config: TrainerConfig,
+    optimizer: OptimizerConfig,
+    schedule: ScheduleConfig,
+    checkpoints: CheckpointConfig,
+    metrics: MetricsConfig,
+    hooks: DistributedHooks,
+) -> PretrainResult:
+    """The body of :func:`run_pretraining` (settings validated, output folder locked)."""
+    from megabert.data.pretraining import PretrainingCollator, PretrainingDataset
 
     tokenizer = load_tokenizer(tokenizer_path)
     model_config = build_model_config(model_spec, len(tokenizer), data.seq_length)
@@ -426,6 +480,8 @@ def run_pretraining(
         "binary_task": data.binary_task,
         "masked_lm_prob": data.masked_lm_prob,
         "short_seq_prob": data.short_seq_prob,
+        # The training data: a resume on another dataset would continue its position silently.
+        "data": data_fingerprint(data.data),
     }
     trainer = Trainer(
         model, loader, trainer_config,

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from megabert.errors import UserError
+from megabert.errors import RunError, UserError
 from megabert.train import checkpoint as ckpt
 from megabert.train.logging import MetricsConfig, MetricsLogger
 from megabert.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
@@ -63,8 +63,8 @@ _RUNTIME_CONFIG_KEYS = ("architectures", "torch_dtype", "return_dict", "output_a
 _FIRST_FORWARD_CONFIG_KEYS = ("problem_type",)
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, data that ran out)."""
+class TrainingError(RunError):
+    """Training cannot go on (a non-finite loss, data that ran out); a RuntimeError (RunError)."""
 
 
 # ---------------------------------------------------------------------------------- configs
@@ -546,9 +546,19 @@ class Trainer:
         self.resumed_from: Path | None = None
         if self.hooks.is_main:
             ckpt.clean_partial(self.checkpoint_dir)
-        resume = ckpt.resolve_resume(self.checkpoint_config.resume, self.output_dir)
+        resume = ckpt.resolve_resume(self.checkpoint_config.resume, self.output_dir, self._on_damaged_checkpoint)
         if resume is not None:
-            self.load_checkpoint(resume)
+            try:
+                self.load_checkpoint(resume)
+            except ckpt.IncompatibleCheckpoint:
+                raise
+            except UserError as exc:
+                # A file that passed the cheap checks but does not load (garbled contents): name an
+                # older checkpoint to try. Not tried here: the failed load may have changed some state.
+                earlier = ckpt.previous_checkpoint(resume)
+                if earlier is None:
+                    raise
+                raise UserError(f"{exc}; the checkpoint before it, {earlier}, looks intact: resume from it with --resume {earlier}") from None
             self.resumed_from = resume
             if self.logger is not None:
                 self.logger.truncate_after(self.state.step)  # records past the checkpoint are redone
@@ -566,6 +576,16 @@ class Trainer:
         self._stop_request: str | None = None
 
     # ------------------------------------------------------------------ helpers
+    def _on_damaged_checkpoint(self, damaged: Path, why: str, instead: Path | None) -> None:
+        """``--resume auto`` passes over a damaged checkpoint: say which, why, and what is used instead."""
+        if self.hooks.is_main:
+            print(
+                f"warning: checkpoint {damaged} is damaged ({why}); resuming from the previous intact one, "
+                f"{instead}, instead (the steps after it are trained again)",
+                file=sys.stderr,
+                flush=True,
+            )
+
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ask the loop to stop after the current step (e.g. early stopping, from a callback).
 

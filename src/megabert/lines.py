@@ -1,0 +1,76 @@
+"""The one reader of UTF-8 text files, line by line, behind every command that takes text input.
+
+The prediction commands (text, TSV, CSV and JSONL inputs), ``preprocess`` and the fine-tuning
+readers all read their files through :func:`iter_lines`, so they agree on what a line is and
+report a bad byte at the same, right place.
+
+The file is read as bytes and each line is decoded on its own: a decoder that works on larger
+blocks reads ahead of the line counter, and its error would name the wrong line. Lines end at
+``\\n``, ``\\r\\n`` or a lone ``\\r`` (as Python's text mode reads them); a byte-order mark at the
+start of the file is dropped. Memory holds one line at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import IO, Iterator
+
+from megabert.errors import UserError
+
+__all__ = ["iter_lines", "not_utf8_error"]
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def not_utf8_error(name: str, line: int, exc: UnicodeDecodeError) -> UserError:
+    """The error for a line that is not UTF-8: file, line, and the byte in that line."""
+    return UserError(
+        f"{name}:{line}: not valid UTF-8 text ({exc.reason} at byte {exc.start + 1} of the line); "
+        "the file may be binary or in another encoding"
+    )
+
+
+def _raw_lines(handle: IO[bytes]) -> Iterator[bytes]:
+    """Byte lines with their ends, split at ``\\n``, ``\\r\\n`` and lone ``\\r``."""
+    for chunk in handle:  # a binary handle splits at b"\n" only
+        if b"\r" in chunk and not (chunk.endswith(b"\r\n") and chunk.count(b"\r") == 1):
+            # A lone "\r" inside the chunk ends a line too (old Mac files); bytes.splitlines
+            # splits at "\r", "\n" and "\r\n" only, unlike str.splitlines.
+            yield from chunk.splitlines(keepends=True)
+        else:
+            yield chunk
+
+
+def iter_lines(
+    source: str | os.PathLike | IO[bytes], *, name: str | None = None, keepends: bool = False
+) -> Iterator[tuple[int, str]]:
+    """(line number from 1, decoded line) for each line of ``source``.
+
+    ``source``: a file path, ``"-"`` for standard input, or a binary handle. ``name``: how
+    errors call the file (default: the path, ``<stdin>`` for ``-``). ``keepends``: keep the
+    line ends (the csv module needs them for quoted fields that span lines). A line that is
+    not UTF-8 raises :class:`~megabert.errors.UserError` naming the file and that line.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        if str(source) == "-":
+            yield from _decoded(sys.stdin.buffer, name or "<stdin>", keepends)
+            return
+        with open(Path(source), "rb") as handle:
+            yield from _decoded(handle, name or str(source), keepends)
+        return
+    yield from _decoded(source, name or getattr(source, "name", "<input>"), keepends)
+
+
+def _decoded(handle: IO[bytes], name: str, keepends: bool) -> Iterator[tuple[int, str]]:
+    for number, raw in enumerate(_raw_lines(handle), start=1):
+        if number == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
+        if not keepends:
+            raw = raw.rstrip(b"\r\n")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise not_utf8_error(name, number, exc) from None
+        yield number, line
