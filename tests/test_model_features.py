@@ -15,10 +15,10 @@ pytestmark = pytest.mark.reference
 
 
 def _pair(name: str, **overrides):
-    """(reference, ours) with the same random weights, copied through a folder."""
+    """(reference, ours) with the same random weights; ours runs padded (the reference's values at pads)."""
     torch.manual_seed(0)
     ref = getattr(transformers, name)(transformers.MegatronBertConfig(**{**TINY, **overrides})).eval()
-    ours = getattr(megabert, name)(MegatronBertConfig(**{**TINY, **overrides})).eval()
+    ours = getattr(megabert, name)(MegatronBertConfig(**{**TINY, **overrides}, unpad_inputs=False)).eval()
     ours.load_checkpoint_state(ref.state_dict())
     return ref, ours
 
@@ -75,7 +75,7 @@ def test_head_mask_matches_reference_and_zeroes_heads(shape):
 def test_sdpa_and_eager_agree():
     ids, mask, types = padded_batch()
     torch.manual_seed(0)
-    model = megabert.MegatronBertForPreTraining(MegatronBertConfig(**TINY)).eval()
+    model = megabert.MegatronBertForPreTraining(MegatronBertConfig(**TINY, unpad_inputs=False)).eval()
     eager = model(ids, mask, types, output_attentions=True)  # weights force eager
     model.config.attn_implementation = "sdpa"
     sdpa = model(ids, mask, types)

@@ -21,23 +21,13 @@ from megabert import MegatronBertConfig
 from megabert.errors import UserError
 from tests.conftest import TINY, padded_batch
 from tests.reference import V5, only_v4
+from tests.test_parity import CLASSES as ALL_CLASSES
 
 pytestmark = pytest.mark.reference
 
 ATOL = 1e-5
 OLD_VOCAB = TINY["vocab_size"]
 MLM_CLASSES = ["MegatronBertForMaskedLM", "MegatronBertForPreTraining"]
-ALL_CLASSES = [
-    "MegatronBertModel",
-    "MegatronBertForPreTraining",
-    "MegatronBertForMaskedLM",
-    "MegatronBertForCausalLM",
-    "MegatronBertForNextSentencePrediction",
-    "MegatronBertForSequenceClassification",
-    "MegatronBertForMultipleChoice",
-    "MegatronBertForTokenClassification",
-    "MegatronBertForQuestionAnswering",
-]
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor, atol: float = ATOL) -> None:

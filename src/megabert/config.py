@@ -159,10 +159,11 @@ class MegatronBertConfig:
     # Which attention code runs: "sdpa" (default) or "eager"; not written to config.json.
     attn_implementation: str | None = None
     # Drop padding tokens after the embeddings and compute real tokens only (fast; outputs at
-    # pad positions are then zero instead of the reference's values). None: unpad in eval mode,
-    # where nobody reads pad positions, and run padded in training mode, where the losses then
-    # equal the reference's. True / False: always / never. Not written to config.json.
-    unpad_inputs: bool | None = False
+    # pad positions are then zero instead of the reference's values). None (the default): unpad
+    # in eval mode, where nobody reads pad positions, and run padded in training mode, where the
+    # losses then equal the reference's. True / False: always / never (False: the reference's
+    # values at every position). Not written to config.json.
+    unpad_inputs: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __init__(self, **kwargs: Any) -> None:

@@ -12,6 +12,7 @@ start of the file is dropped. Memory holds one line at a time.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import IO, Iterator
 
 from megabert.errors import UserError
 
-__all__ = ["iter_lines", "not_utf8_error"]
+__all__ = ["iter_lines", "jsonl_records", "not_utf8_error"]
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -74,3 +75,26 @@ def _decoded(handle: IO[bytes], name: str, keepends: bool) -> Iterator[tuple[int
         except UnicodeDecodeError as exc:
             raise not_utf8_error(name, number, exc) from None
         yield number, line
+
+
+def jsonl_records(
+    source: str | os.PathLike | IO[bytes], *, name: str | None = None
+) -> Iterator[tuple[int, dict | str]]:
+    """(line number, object) for each non-blank line of a JSONL file, read by :func:`iter_lines`.
+
+    A line that is not a JSON object gives its error text instead of the object ("not valid
+    JSON (... at column N)", "expected a JSON object, got list"), so that a caller either raises
+    it with the file and line in front or skips the line and counts it.
+    """
+    for number, line in iter_lines(source, name=name):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield number, f"not valid JSON ({exc.msg} at column {exc.colno})"
+            continue
+        if not isinstance(record, dict):
+            yield number, f"expected a JSON object, got {type(record).__name__}"
+            continue
+        yield number, record

@@ -156,7 +156,7 @@ def test_megatron_checkpoint_sharded_tp2_starts_a_tp2_run(tmp_path):
     from megabert.convert.megatron_lm import convert_hf_to_megatron
 
     model = common.build_model("pretrain")
-    model.config.unpad_inputs = False
+    model.config.unpad_inputs = None  # as a loaded model runs: unpadded in eval mode
     hf = tmp_path / "hf"
     model.save_pretrained(hf)
     megatron = tmp_path / "megatron"

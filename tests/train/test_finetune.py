@@ -9,6 +9,7 @@ the labels, and the best folder loads in `transformers` with the same outputs as
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -354,12 +355,16 @@ def write_squad(path: Path, n: int, seed: int) -> None:
     path.write_text(json.dumps({"version": "v2.0", "data": data}, indent=1))
 
 
-def test_question_answering_squad_v2_with_windows(tiny_model, tmp_path):
+def test_question_answering_squad_v2_with_windows(tiny_model, tmp_path, caplog):
     write_squad(tmp_path / "train.json", 120, seed=8)
     write_squad(tmp_path / "dev.json", 24, seed=9)
-    result = finetune("question-answering", tiny_model, tmp_path / "train.json", tmp_path / "dev.json",
-                      tmp_path / "out", data=DataOptions(max_length=MAX_LENGTH, doc_stride=16),
-                      config=quick(epochs=2))
+    with caplog.at_level(logging.WARNING, logger="megabert.train.finetune"):
+        result = finetune("question-answering", tiny_model, tmp_path / "train.json", tmp_path / "dev.json",
+                          tmp_path / "out", data=DataOptions(max_length=MAX_LENGTH, doc_stride=16),
+                          config=quick(epochs=2))
+    # The loss that differs from the reference's is said, with the way to the reference's.
+    assert "pad positions are left out of the start/end softmax" in caplog.text
+    assert "--reference-loss" in caplog.text
     assert loss_went_down(result.train.losses)
     results = json.loads(result.results_file.read_text())
     assert results["data"]["validation"]["features"] > results["data"]["validation"]["examples"]  # windows
@@ -507,3 +512,34 @@ def test_evaluate_function_without_labels(tiny_model, tmp_path):
     assert predicted.task == "token-classification" and predicted.metrics == {}
     assert [r["words"] for r in predicted.records] == [["john", "lives", "in", "paris"], ["ibm"]]
     assert all(t in ("B-LOC", "B-ORG", "B-PER", "I-PER", "O") for r in predicted.records for t in r["tags"])
+
+
+@pytest.mark.parametrize("reference_loss", [False, True])
+def test_question_answering_training_loss_with_and_without_reference_loss(tiny_model, tmp_path, reference_loss):
+    """Training mode on a padded batch: --reference-loss gives transformers' QA loss exactly; the
+    default (unpadded) leaves the pads out of the softmax, a lower loss (README, Differences)."""
+    import shutil
+
+    import transformers
+
+    folder = tmp_path / "no-dropout"  # training mode without dropout: deterministic
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    scheme = LabelScheme("question-answering")
+    ours = build_model("question-answering", folder, scheme, unpad_training=not reference_loss).train()
+    ref = transformers.MegatronBertForQuestionAnswering.from_pretrained(folder).train()
+    ref.qa_outputs.load_state_dict(ours.qa_outputs.state_dict())  # the same fresh head
+    torch.manual_seed(0)
+    ids = torch.randint(5, ours.config.vocab_size, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    mask[1, 4:] = 0
+    starts, ends = torch.tensor([2, 1, 5]), torch.tensor([4, 3, 9])
+    got = ours(input_ids=ids, attention_mask=mask, start_positions=starts, end_positions=ends).loss
+    expected = ref(input_ids=ids, attention_mask=mask, start_positions=starts, end_positions=ends).loss
+    if reference_loss:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    else:
+        assert got < expected - 1e-3  # pads no longer share the probability mass

@@ -142,6 +142,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per step (default 1)")
     opt.add_argument("--clip-grad", type=float, default=1.0, metavar="NORM", help="max gradient norm (0: off; default 1)")
     opt.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU and CUDA)")
+    opt.add_argument("--reference-loss", action="store_true",
+                     help="train on padded batches, on exactly transformers' loss (slower). By default "
+                          "training skips pad tokens, which changes only the question-answering loss: "
+                          "pads are left out of its start/end softmax")
     opt.add_argument("--seed", type=int, default=42, help="seed of the head init, data order and dropout (default 42)")
     opt.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     opt.add_argument("--max-train-examples", type=int, metavar="N", help="train on a random subset of N examples")
@@ -222,7 +226,7 @@ def _finetune(args: argparse.Namespace, hooks: Any) -> Any:
         early_stopping_patience=args.early_stopping_patience,
         early_stopping_threshold=args.early_stopping_threshold,
         max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples,
-        random_init=args.random_init, device=args.device, log_every=args.log_every, progress=not args.quiet,
+        random_init=args.random_init, reference_loss=args.reference_loss, device=args.device, log_every=args.log_every, progress=not args.quiet,
         plot=args.plot, resume=args.resume, overwrite=args.overwrite,
     )
     return finetune(args.task, args.model, args.train, args.validation, args.output,

@@ -16,7 +16,6 @@ tokens) in batches, optionally in worker processes, and written with
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import re
@@ -31,7 +30,7 @@ import numpy as np
 
 from megabert.data.indexed import IndexedDatasetWriter
 from megabert.errors import UserError
-from megabert.lines import iter_lines
+from megabert.lines import iter_lines, jsonl_records
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 INPUT_FORMATS = ("auto", "text", "jsonl")
@@ -141,18 +140,9 @@ def _text_documents(path: Path, split: bool) -> Iterator[list[str]]:
 
 
 def _jsonl_documents(path: Path, split: bool, json_key: str) -> Iterator[list[str]]:
-    for number, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: malformed JSON: {exc.msg} (column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise UserError(
-                f"{path}:{number}: expected one JSON object per line (JSONL), got a "
-                f"{type(record).__name__}"
-            )
+    for number, record in jsonl_records(path):
+        if isinstance(record, str):
+            raise UserError(f"{path}:{number}: {record}")
         if json_key not in record:
             keys = ", ".join(repr(k) for k in list(record)[:10]) or "none"
             raise UserError(

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Generic, Iterator, Literal, Sequence, TypeVar, overload
 
 from megabert.errors import UserError
-from megabert.lines import iter_lines
+from megabert.lines import iter_lines, jsonl_records
 
 logger = logging.getLogger("megabert.data")
 
@@ -612,20 +612,7 @@ def _jsonl_records(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
 
     Errors are returned, not raised, so that the caller reports all bad records in line order.
     """
-    records: list[tuple[int, dict[str, Any] | str]] = []
-    for number, line in enumerate(_read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            records.append((number, f"not valid JSON ({e.msg} at column {e.colno})"))
-            continue
-        if not isinstance(obj, dict):
-            records.append((number, f"expected a JSON object, got {type(obj).__name__}"))
-            continue
-        records.append((number, obj))
-    return records
+    return list(jsonl_records(path))
 
 
 def _jsonl_key(

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from megabert.errors import UserError
-from megabert.lines import iter_lines
+from megabert.lines import iter_lines, jsonl_records
 from megabert.utils import atomic_path
 
 FORMATS = ("text", "jsonl", "csv", "tsv")
@@ -66,15 +66,9 @@ def read_records(source: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
             if line.strip():
                 yield number, {"text": line}
     elif fmt == "jsonl":
-        for number, line in iter_lines(source, name=name):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{name}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{name}:{number}: expected a JSON object, got {type(record).__name__}")
+        for number, record in jsonl_records(source, name=name):
+            if isinstance(record, str):
+                raise UserError(f"{name}:{number}: {record}")
             yield number, record
     else:
         yield from _table_records(source, name, fmt)

@@ -480,8 +480,9 @@ class MegatronBertPreTrainedModel(nn.Module):
         ``dtype``: e.g. ``torch.bfloat16`` or ``"auto"`` (the dtype the folder records);
         ``device``: where the weights go; ``attn_implementation``: "sdpa" (default) or "eager";
         ``unpad_inputs``: run padded batches on real tokens only (outputs at pad positions are
-        then zeros); None does so in eval mode only; ``False`` gives the reference's values at
-        every position.
+        then zeros). The default (None) does so in eval mode, the mode ``from_pretrained``
+        returns, and runs padded in training mode; ``True``: always; ``False``: never, which
+        gives the reference's values at every position, pads included.
         ``check_finite``: refuse weights holding NaN or inf (a :class:`CheckpointError` naming
         the tensor); ``False`` loads them as they are.
         Any other keyword overrides a config field (e.g. ``num_labels=3``). Weights of a head

@@ -53,6 +53,7 @@ from megabert.errors import UserError
 from megabert.train.checkpoint import CHECKPOINTS_DIR, CheckpointConfig
 from megabert.train.finetune_data import (
     DataOptions,
+    QA,
     LabelScheme,
     Split,
     check_metric,
@@ -138,6 +139,9 @@ class FinetuneConfig:
     max_train_examples: int | None = None  # a random subset of the training file
     max_eval_examples: int | None = None  # a random subset of the validation file
     random_init: bool = False  # the model folder's config and tokenizer, fresh weights
+    # Train padded, on exactly the reference's loss. Only QA's loss differs when unpadded (pads
+    # are left out of the start/end softmax); the other tasks get the same loss, slower.
+    reference_loss: bool = False
     device: str = "auto"
     log_every: int = 10
     progress: bool = True
@@ -436,7 +440,13 @@ def _finetune_locked(
     valid_features = encode_split(task, valid_split.examples, tok, data, scheme, progress=progress)
 
     seed_everything(config.seed)  # the same new head (or random init) for the same seed
-    net = build_model(task, model_dir, scheme, random_init=config.random_init)
+    net = build_model(task, model_dir, scheme, random_init=config.random_init,
+                      unpad_training=not config.reference_loss)
+    if task == QA and not config.reference_loss and hooks.is_main:
+        logger.warning(
+            "question-answering loss: pad positions are left out of the start/end softmax (training "
+            "runs on real tokens only); transformers includes them. --reference-loss trains on its loss"
+        )
     # Data parallel: rank r takes its batch_size slice of each global batch (one epoch = the
     # same examples as in one process; batch_size x ranks examples per step).
     loader = ResumableLoader(train_features, config.batch_size, Collator(tok.pad_token_id), shuffle=True,
@@ -488,7 +498,9 @@ def _finetune_locked(
         save_extras=tok.save_pretrained,
         run_signature={"task": task, "batch_size": config.batch_size, "max_length": data.max_length,
                        "train": str(train), "max_train_examples": config.max_train_examples,
-                       "labels": list(scheme.labels or ()), "problem_type": scheme.problem_type},
+                       "labels": list(scheme.labels or ()), "problem_type": scheme.problem_type,
+                       # recorded only when on, so that runs from before the option resume
+                       **({"reference_loss": True} if config.reference_loss else {})},
     )
     if trainer.resumed_from is not None:
         keeper.restore(trainer.state.step)

@@ -72,13 +72,21 @@ def check_model_fits(config: MegatronBertConfig, tokenizer: Any, max_length: int
 
 
 def build_model(
-    task: str, model_dir: str | os.PathLike, scheme: LabelScheme, *, random_init: bool = False
+    task: str,
+    model_dir: str | os.PathLike,
+    scheme: LabelScheme,
+    *,
+    random_init: bool = False,
+    unpad_training: bool = True,
 ) -> nn.Module:
-    """``MegatronBertFor<Task>`` with the scheme's labels, from a model folder, training unpadded.
+    """``MegatronBertFor<Task>`` with the scheme's labels, from a model folder.
 
     The encoder weights come from the folder (any head it has that is not this task's is left
     out). The folder's own head is kept when it is this task's head with the same labels
     (fine-tuning again); otherwise the head starts fresh. ``random_init`` takes only the config.
+    ``unpad_training``: train on real tokens only (fast; the QA loss then leaves pad positions
+    out of its softmax, see the README's "Differences from transformers"); False trains padded,
+    on the reference's loss. Evaluation runs unpadded either way.
     """
     from megabert.modeling.heads import model_class_for
     from megabert.modeling.pretrained import read_state_dict
@@ -86,7 +94,7 @@ def build_model(
     task = canonical_task(task)
     folder = Path(model_dir)
     old = read_model_config(folder)
-    config = old.copy(**scheme.config_overrides(), unpad_inputs=True)
+    config = old.copy(**scheme.config_overrides(), unpad_inputs=True if unpad_training else None)
     model = model_class_for(task)(config)
     if random_init:
         return model
