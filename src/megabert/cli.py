@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     "megabert.commands.train_tokenizer",
     "megabert.commands.pretrain",
     "megabert.commands.finetune",
+    "megabert.commands.serve",
 )
 
 

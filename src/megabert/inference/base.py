@@ -155,27 +155,42 @@ class Pipeline:
         encoded = self._encode(items, first, params)
         owners = [i for i, enc in enumerate(encoded) for _ in enc.rows]
         rows = [row for enc in encoded for row in enc.rows]
-        outputs: list[Any] = [None] * len(rows)
-        device = self.device
-        for batch_rows in length_sorted_batches([len(row) for row in rows], self.batch_size):
-            batch = collate([rows[r] for r in batch_rows], self.pad_token_id, device)
-            with torch.inference_mode():
-                results = self._forward(batch, params)
-            for r, result in zip(batch_rows, results):
-                outputs[r] = result
+        passes = length_sorted_batches([len(row) for row in rows], self.batch_size)
+        outputs = self.run_rows(rows, params, passes)
         per_input: list[list[Any]] = [[] for _ in items]
         for owner, output in zip(owners, outputs):
             per_input[owner].append(output)
         for i, (item, enc, outs) in enumerate(zip(items, encoded, per_input)):
-            # One check for every task, before any result is built: a pipeline never returns
-            # (or prints) NaN; JSON has no NaN, and a NaN score ranks arbitrarily.
-            if _has_non_finite(outs):
-                raise UserError(
-                    f"input {first + i}: the model produced non-finite scores (NaN or inf), so there is no "
-                    f"answer to give; its weights may be damaged, or {getattr(self.model, 'dtype', 'its dtype')} "
-                    "overflowed (try float32: dtype='float32', --dtype float32)"
-                )
+            self.check_answerable(first + i, outs)
             yield self._postprocess(item, enc, outs, params)
+
+    def run_rows(self, rows: list[Any], params: dict[str, Any], passes: list[list[int]]) -> list[Any]:
+        """The model's output for each row, computed in the forward passes ``passes`` (row indices).
+
+        Shared by the pipelines (passes of ``batch_size`` rows) and ``megabert serve`` (passes
+        by token budget, over the rows of several requests).
+        """
+        outputs: list[Any] = [None] * len(rows)
+        for pass_rows in passes:
+            batch = collate([rows[r] for r in pass_rows], self.pad_token_id, self.device)
+            with torch.inference_mode():
+                results = self._forward(batch, params)
+            for r, result in zip(pass_rows, results):
+                outputs[r] = result
+        return outputs
+
+    def check_answerable(self, index: int, outputs: list[Any]) -> None:
+        """Raise a UserError naming input ``index`` when its outputs hold NaN or inf.
+
+        One check for every task, before any result is built: a pipeline never returns (or
+        prints) NaN; JSON has no NaN, and a NaN score ranks arbitrarily.
+        """
+        if _has_non_finite(outputs):
+            raise UserError(
+                f"input {index}: the model produced non-finite scores (NaN or inf), so there is no "
+                f"answer to give; its weights may be damaged, or {getattr(self.model, 'dtype', 'its dtype')} "
+                "overflowed (try float32: dtype='float32', --dtype float32)"
+            )
 
     # ------------------------------------------------------------ helpers
     def call_tokenizer(self, *args: Any, **kwargs: Any) -> Any:
