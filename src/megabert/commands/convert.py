@@ -13,8 +13,12 @@ model.safetensors), without Megatron-LM installed. Pickled checkpoints are read 
 running any code from them; the output folder appears only when complete.
 
   megatron     Megatron-LM -> HF: an NGC zip (megatron_bert_345m_v0_1_*.zip), one
-               model_optim_rng.pt, or a save folder with tensor/pipeline-parallel shards
-               (legacy or Megatron Core names, checkpoint versions 0 to 3).
+               model_optim_rng.pt, a save folder with tensor/pipeline-parallel shards
+               (legacy or Megatron Core names, checkpoint versions 0 to 3), or a
+               torch_dist save (*.distcp + .metadata; its iteration or run folder).
+               A .nemo SRC is handed to `nemo`.
+  nemo         NeMo MegatronBERT .nemo archive (tar or tar.gz) -> HF, with the
+               tokenizer from the archive.
   to-megatron  HF -> Megatron-LM legacy checkpoint split over TP x PP ranks, to go on
                training in Megatron-LM.
 
@@ -24,6 +28,8 @@ EPILOG = """\
 examples:
   megabert convert megatron megatron_bert_345m_v0_1_uncased.zip bert-345m-uncased \\
       --vocab-file vocab.txt --lowercase
+  megabert convert megatron checkpoints/bert-run bert-hf      # torch_dist or legacy save folder
+  megabert convert nemo megatron_bert.nemo bert-hf
   megabert convert to-megatron bert-345m-uncased megatron-ckpt --tensor-parallel 2"""
 
 MEGATRON_EPILOG = """\
@@ -42,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``convert`` subcommand with its ``megatron`` and ``to-megatron`` directions."""
     parser = subparsers.add_parser(
         "convert",
-        help="convert Megatron-LM BERT checkpoints to HF model folders and back",
+        help="convert Megatron-LM (legacy, torch_dist) and NeMo BERT checkpoints to HF model folders, and back",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -56,7 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=MEGATRON_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    to_hf.add_argument("src", metavar="SRC", help="NGC zip, model_optim_rng.pt, or Megatron-LM save folder")
+    to_hf.add_argument(
+        "src", metavar="SRC",
+        help="NGC zip, model_optim_rng.pt, Megatron-LM save folder (legacy or torch_dist), or a .nemo archive",
+    )  # fmt: skip
     to_hf.add_argument("out", metavar="OUT", help="output model folder (must not exist, see --overwrite)")
     to_hf.add_argument(
         "--vocab-file", metavar="F", help="the model's vocab.txt: also write the tokenizer files into OUT"
@@ -73,6 +82,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     to_hf.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
     to_hf.set_defaults(run=run_megatron_to_hf)
+
+    nemo = directions.add_parser(
+        "nemo",
+        help="NeMo MegatronBERT .nemo archive -> HF model folder (with its tokenizer)",
+        description=(
+            "Convert a NeMo MegatronBERT .nemo archive (a tar, plain or gzip, of model_config.yaml and "
+            "model_weights.ckpt, mp_rank_XX/model_weights.ckpt or a torch_dist model_weights/ folder) into a "
+            "Hugging Face model folder; the archive's vocabulary becomes the tokenizer."
+        ),
+        epilog="example:\n  megabert convert nemo bert_base_uncased.nemo bert-base-hf",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    nemo.add_argument("src", metavar="MODEL.nemo", help="the .nemo archive")
+    nemo.add_argument("out", metavar="OUT", help="output model folder (must not exist, see --overwrite)")
+    nemo.add_argument("--vocab-file", metavar="F", help="use this vocab.txt instead of the archive's")
+    nemo_casing = nemo.add_mutually_exclusive_group()
+    nemo_casing.add_argument(
+        "--lowercase", dest="lowercase", action="store_const", const=True, default=None,
+        help="the vocabulary is uncased (default: the archive's tokenizer config)",
+    )  # fmt: skip
+    nemo_casing.add_argument("--cased", dest="lowercase", action="store_const", const=False, help="the vocabulary is cased")
+    nemo.add_argument("--num-attention-heads", type=int, metavar="N", help=argparse.SUPPRESS)
+    nemo.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once complete)")
+    nemo.set_defaults(run=run_nemo_to_hf)
 
     to_mlm = directions.add_parser(
         "to-megatron",
@@ -147,6 +180,20 @@ def run_megatron_to_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_nemo_to_hf(args: argparse.Namespace) -> int:
+    """NeMo -> HF."""
+    from megabert.convert.nemo import convert_nemo_to_hf
+
+    _refuse_existing(args.out, args.overwrite)
+    _show_notes()
+    out = convert_nemo_to_hf(
+        args.src, args.out, vocab_file=args.vocab_file, lowercase=args.lowercase,
+        num_attention_heads=args.num_attention_heads, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
 def run_hf_to_megatron(args: argparse.Namespace) -> int:
     """HF -> Megatron-LM."""
     from megabert.convert.megatron_lm import convert_hf_to_megatron
@@ -169,4 +216,6 @@ def run_hf_to_megatron(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen direction (each direction's parser also sets its own ``run``)."""
+    if args.direction == "nemo":
+        return run_nemo_to_hf(args)
     return run_megatron_to_hf(args) if args.direction == "megatron" else run_hf_to_megatron(args)

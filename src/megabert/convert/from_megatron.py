@@ -65,11 +65,24 @@ class Dims:
         return ", ".join(dict.fromkeys(names[s] for s in symbols))
 
 
+def _is_tensor(value: Any) -> bool:
+    """A tensor, or a torch_dist tensor not read yet (:class:`torch_dist.SourceTensor`)."""
+    from megabert.convert.torch_dist import SourceTensor
+
+    return isinstance(value, (torch.Tensor, SourceTensor))
+
+
+def _real(value: Any) -> torch.Tensor:
+    from megabert.convert.torch_dist import materialise
+
+    return materialise(value)
+
+
 def _first(ckpt: LoadedCheckpoint, key: str) -> tuple[int, list[torch.Tensor]] | None:
     """(stage, per-rank tensors) of the first stage holding ``key``."""
     for index, stage in enumerate(ckpt.stages):
-        if isinstance(stage[0].get(key), torch.Tensor):
-            return index, [flat[key] for flat in stage if isinstance(flat.get(key), torch.Tensor)]
+        if _is_tensor(stage[0].get(key)):
+            return index, [flat[key] for flat in stage if _is_tensor(flat.get(key))]
     return None
 
 
@@ -215,7 +228,7 @@ def _makers(rule: Rule, shards: list[torch.Tensor], dims: Dims, version: float) 
 
         def part(index: int) -> torch.Tensor:
             if "parts" not in cache:
-                per_rank = [split_qkv(t, heads_per_rank, version) for t in shards]  # each: (q, k, v)
+                per_rank = [split_qkv(_real(t), heads_per_rank, version) for t in shards]  # each: (q, k, v)
                 # rank r holds heads [r * heads_per_rank, (r + 1) * heads_per_rank): stack in order
                 cache["parts"] = [
                     torch.cat([parts[i] for parts in per_rank], dim=0) if len(per_rank) > 1 else per_rank[0][i]
@@ -230,9 +243,9 @@ def _makers(rule: Rule, shards: list[torch.Tensor], dims: Dims, version: float) 
 
         return [lambda i=i: part(i) for i in range(3)]
     if len(shards) == 1 or rule.split is Split.REPLICATED:
-        return [lambda: shards[0]]
+        return [lambda: _real(shards[0])]
     dim = 0 if rule.split is Split.ROWS else 1
-    return [lambda: torch.cat(shards, dim=dim)]
+    return [lambda: torch.cat([_real(s) for s in shards], dim=dim)]
 
 
 def plan_state(ckpt: LoadedCheckpoint, dims: Dims) -> tuple[dict[str, PendingTensor], bool, bool]:
@@ -260,7 +273,7 @@ def plan_state(ckpt: LoadedCheckpoint, dims: Dims) -> tuple[dict[str, PendingTen
                     "the tensor-parallel shards are not from one checkpoint"
                 )
         for key, value in stage[0].items():
-            if key.endswith("_extra_state") or not isinstance(value, torch.Tensor):
+            if key.endswith("_extra_state") or not _is_tensor(value):
                 continue  # Transformer Engine / fp8 bookkeeping, not weights
             template, local_layer = template_of(key)
             rule = table.get(template)

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from megabert.config import MegatronBertConfig
 from megabert.convert.from_megatron import check_checkpoint, checkpoint_dims, config_from_checkpoint, plan_state
 from megabert.convert.megatron_args import config_to_args, lowercase_from_args
 from megabert.convert.qkv import check_version
-from megabert.convert.reader import load_checkpoint
+from megabert.convert.reader import LoadedCheckpoint, load_checkpoint
 from megabert.convert.sources import CHECKPOINT_NAME, TRACKER_NAME, ShardSet, find_shards
 from megabert.convert.stream_safetensors import PendingTensor, write_safetensors
 from megabert.convert.to_megatron import check_hf_shapes, megatron_shard, normalise_hf_state, pad_vocab
@@ -90,6 +91,36 @@ def _write_tokenizer(folder: Path, vocab_file: Path, lowercase: bool | None, con
     tokenizer.save_pretrained(folder)
 
 
+def _is_nemo(src: Path) -> bool:
+    import tarfile
+
+    return src.is_file() and (src.suffix == ".nemo" or (not zipfile.is_zipfile(src) and tarfile.is_tarfile(src)))
+
+
+def write_hf_folder(
+    ckpt: LoadedCheckpoint,
+    tmp: Path,
+    src: Path,
+    *,
+    vocab_file: Path | None,
+    lowercase: bool | None,
+    num_attention_heads: int | None,
+) -> MegatronBertConfig:
+    """Write ``config.json``, ``model.safetensors`` (one tensor at a time) and the tokenizer of ``ckpt`` into ``tmp``."""
+    check_checkpoint(ckpt)
+    dims = checkpoint_dims(ckpt, num_attention_heads)
+    plan, binary_head, untied = plan_state(ckpt, dims)
+    plan = {name: _finite_checked(name, pending, src) for name, pending in plan.items()}
+    dtype = plan["bert.embeddings.word_embeddings.weight"].dtype
+    config = config_from_checkpoint(ckpt, dims, binary_head, untied, dtype)
+    if vocab_file is not None:
+        _write_tokenizer(tmp, Path(vocab_file), _resolve_lowercase(lowercase, ckpt.args, str(src)), config)
+    config.save_pretrained(tmp)
+    with tqdm(total=len(plan), desc="converting", unit="tensor", disable=None) as progress:
+        write_safetensors(tmp / SAFE_WEIGHTS_NAME, plan, metadata={"format": "pt"}, progress=progress)
+    return config
+
+
 def convert_megatron_to_hf(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -103,7 +134,8 @@ def convert_megatron_to_hf(
 
     ``src``: an NGC zip, one ``model_optim_rng.pt``, or a Megatron-LM save folder (with
     ``latest_checkpointed_iteration.txt``, an ``iter_NNNNNNN``/``release`` folder, or the
-    ``mp_rank_*`` folders themselves). ``vocab_file``: the ``vocab.txt`` the model was trained
+    ``mp_rank_*`` folders themselves), legacy (``torch``) or distributed (``torch_dist``:
+    ``*.distcp`` + ``.metadata``); a NeMo ``.nemo`` archive goes to :func:`convert_nemo_to_hf`. ``vocab_file``: the ``vocab.txt`` the model was trained
     with; the tokenizer files are written too, lower-casing per ``lowercase`` (default: the
     checkpoint's ``tokenizer_type``, else guessed from the vocabulary). ``num_attention_heads``:
     only needed for checkpoints saved without ``args`` whose head size is not 64.
@@ -117,22 +149,24 @@ def convert_megatron_to_hf(
         raise FileNotFoundError(f"Megatron checkpoint {src} does not exist")
     if vocab_file is not None:
         vocab_file = require_file(vocab_file, "vocabulary file", expected_name="vocab.txt")
+    if _is_nemo(src):
+        from megabert.convert.nemo import convert_nemo_to_hf
+
+        return convert_nemo_to_hf(
+            src, out, vocab_file=vocab_file, lowercase=lowercase, num_attention_heads=num_attention_heads,
+            overwrite=overwrite,
+        )  # fmt: skip
+    from megabert.convert.torch_dist import find_torch_dist, load_torch_dist
+
+    dist_folder = find_torch_dist(src)
     with atomic_folder(out, overwrite=overwrite) as tmp:
-        shards = find_shards(src, tmp / _SCRATCH)
-        ckpt = load_checkpoint(shards)
-        check_checkpoint(ckpt)
-        dims = checkpoint_dims(ckpt, num_attention_heads)
-        plan, binary_head, untied = plan_state(ckpt, dims)
-        plan = {name: _finite_checked(name, pending, src) for name, pending in plan.items()}
-        dtype = plan["bert.embeddings.word_embeddings.weight"].dtype
-        config = config_from_checkpoint(ckpt, dims, binary_head, untied, dtype)
-        if vocab_file is not None:
-            _write_tokenizer(tmp, Path(vocab_file), _resolve_lowercase(lowercase, ckpt.args, str(src)), config)
-        config.save_pretrained(tmp)
-        with tqdm(total=len(plan), desc="converting", unit="tensor", disable=None) as progress:
-            write_safetensors(tmp / SAFE_WEIGHTS_NAME, plan, metadata={"format": "pt"}, progress=progress)
-        # Let go of the memory-mapped shards before removing extracted files.
-        del plan, ckpt
+        if dist_folder is not None:
+            ckpt = load_torch_dist(dist_folder, str(src))
+        else:
+            ckpt = load_checkpoint(find_shards(src, tmp / _SCRATCH))
+        config = write_hf_folder(ckpt, tmp, src, vocab_file=vocab_file, lowercase=lowercase,
+                                 num_attention_heads=num_attention_heads)  # fmt: skip
+        del ckpt
         shutil.rmtree(tmp / _SCRATCH, ignore_errors=True)
     logger.info("wrote %s (%d layers, vocab %d, eps %g)", out, config.num_hidden_layers, config.vocab_size, config.layer_norm_eps)
     return out

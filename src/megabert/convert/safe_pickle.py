@@ -275,3 +275,80 @@ def safe_load(path: str | os.PathLike, mmap: bool | None = None) -> Any:
     finally:
         torch.serialization.clear_safe_globals()
         torch.serialization.add_safe_globals(others)
+
+
+def safe_load_tensor_bytes(data: bytes, where: str) -> torch.Tensor:
+    """One tensor from the bytes of a ``torch.save`` record (a torch_dist chunk), without running code.
+
+    Only torch's own weights-only list applies (tensors and storages); anything else, or a
+    record that is not a single tensor, is a :class:`UserError` naming ``where``.
+    """
+    others = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(describe_load_error(where, exc)) from None
+    except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        first = _plain(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{where} is not a readable tensor record ({first})") from None
+    finally:
+        torch.serialization.add_safe_globals(others)
+    if not isinstance(value, torch.Tensor):
+        raise UserError(f"{where} holds a {type(value).__name__}, not a tensor")
+    return value
+
+
+# Modules whose classes a torch.distributed.checkpoint `.metadata` pickle names: plain
+# dataclasses and enums that only hold numbers, names and sizes.
+_DCP_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint.filesystem",
+)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the classes a torch_dist ``.metadata`` file needs; refuses every other global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import importlib
+
+        full = f"{module}.{name}"
+        if module in _DCP_MODULES:
+            value = getattr(importlib.import_module(module), name, None)
+            if isinstance(value, type):  # classes (dataclasses, enums) only, never functions
+                return value
+        elif module == "torch":
+            value = getattr(torch, name, None)
+            if name == "Size" or isinstance(value, (torch.dtype, torch.memory_format, torch.layout)):
+                return value
+        elif full == "torch.serialization._get_layout":
+            return torch.serialization._get_layout
+        elif full in ("collections.OrderedDict", "builtins.set", "builtins.frozenset"):
+            return {"collections.OrderedDict": __import__("collections").OrderedDict,
+                    "builtins.set": set, "builtins.frozenset": frozenset}[full]  # fmt: skip
+        raise pickle.UnpicklingError(f"GLOBAL {full} is not allowed in a checkpoint's .metadata")
+
+
+def safe_load_dcp_metadata(path: str | os.PathLike) -> Any:
+    """The ``Metadata`` of a torch.distributed.checkpoint folder (its ``.metadata`` pickle), read safely.
+
+    Only the checkpoint-metadata dataclasses of ``torch.distributed.checkpoint``, ``torch.Size``,
+    dtypes and layouts are resolved; any other global stops the load with a UserError naming it.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            return _MetadataUnpickler(handle).load()
+    except pickle.UnpicklingError as exc:
+        match = _GLOBAL_IN_MESSAGE.search(str(exc))
+        if match:
+            raise UserError(
+                f"refusing to load {path}: its pickle refers to {match.group(1)}, which is not allowed "
+                "(a .metadata file may only hold torch.distributed.checkpoint metadata, sizes and dtypes); "
+                "unpickling it would import and run code that the file names"
+            ) from None
+        raise UserError(f"{path} is not a readable torch_dist .metadata file ({exc})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise UserError(f"{path} is not a readable torch_dist .metadata file ({type(exc).__name__}: {exc})") from None

@@ -145,9 +145,11 @@ def _shards_in(iteration: Path, where: str) -> ShardSet:
     if (iteration / CHECKPOINT_NAME).is_file():  # SRC was an mp_rank folder itself
         return ShardSet({(0, 0): iteration / CHECKPOINT_NAME}, 1, 1, where)
     if any(iteration.glob("*.distcp")) or (iteration / ".metadata").exists():
+        # convert_megatron_to_hf reads these (torch_dist.py) when SRC is the iteration folder or
+        # its save folder; reached only from somewhere else (inside a zip, one level down).
         raise UserError(
-            f"{iteration} is a distributed (torch_dist) checkpoint; convert it to the legacy format "
-            "first (Megatron-LM: --ckpt-convert-format torch) or save with --ckpt-format torch"
+            f"{iteration} is a distributed (torch_dist) checkpoint: point SRC at {iteration} itself "
+            "or at the save folder holding latest_checkpointed_iteration.txt"
         )
     ranks: dict[tuple[int, int], Path] = {}
     styles: set[bool] = set()
