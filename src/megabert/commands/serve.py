@@ -8,6 +8,8 @@ import os
 import socket
 import sys
 import threading
+import time
+from typing import Any
 
 from megabert.errors import UserError
 
@@ -50,14 +52,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-concurrent-requests", type=int, default=512, metavar="N",
                         help="requests in flight before answering 429 (default 512)")  # fmt: skip
     parser.add_argument("--max-client-batch-size", type=int, default=32, metavar="N", help="inputs per request (default 32)")
+    parser.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, metavar="N",
+                        help="largest request body, checked before parsing: 413 beyond (default 2097152, 2 MiB)")  # fmt: skip
+    parser.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="time a request may wait in the queue and the model before a 503; a request not "
+                        "started by then is dropped from the queue (default 60; 0: no limit)")  # fmt: skip
+    parser.add_argument("--drain-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="on SIGTERM, how long to wait for the requests in flight (default 60)")  # fmt: skip
     parser.set_defaults(run=run)
 
 
 def _check_positive(args: argparse.Namespace) -> None:
-    for name in ("max_batch_tokens", "max_concurrent_requests", "max_client_batch_size", "max_batch_requests"):
+    for name in ("max_batch_tokens", "max_concurrent_requests", "max_client_batch_size", "max_batch_requests", "max_body_bytes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in ("request_timeout", "drain_timeout"):
+        value = getattr(args, name)
+        if not value >= 0 or value == float("inf"):
+            raise UserError(f"--{name.replace('_', '-')} must be a number of seconds >= 0, got {value}")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
 
@@ -65,7 +78,10 @@ def _check_positive(args: argparse.Namespace) -> None:
 def _listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so that a taken port is a one-line error, not a log dump."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and without
+    # it Nagle's algorithm holds the body that follows the headers for the client's delayed ACK
+    # (~40 ms on every response).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -74,6 +90,38 @@ def _listen(host: str, port: int) -> socket.socket:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
+
+
+def _draining_server(uvicorn: Any, config: Any, service: Any, drain_timeout: float) -> Any:
+    """A uvicorn.Server whose first SIGTERM/SIGINT starts a drain instead of closing the socket.
+
+    uvicorn's own shutdown stops accepting at once, so a client that connects during the drain
+    gets "connection refused". Here the server keeps listening and answers every new request 503
+    (JSON, ``Connection: close``; the ``draining`` flag, see Service.draining) until the requests
+    in flight and in the queue are answered (or ``drain_timeout`` passes), then shuts down as
+    uvicorn does. A second signal exits at once (uvicorn's own behaviour).
+    """
+
+    class DrainingServer(uvicorn.Server):
+        draining = False
+        drain_started = 0.0
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.draining:
+                super().handle_exit(sig, frame)
+                self.force_exit = True
+                return
+            self._captured_signals.append(sig)  # re-raised once serving ends: Terminated, exit 0
+            self.draining = True
+            self.drain_started = time.monotonic()
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.draining and not self.should_exit:
+                if service.idle or time.monotonic() - self.drain_started > drain_timeout:
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+    return DrainingServer(config)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(
         max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
         max_concurrent_requests=args.max_concurrent_requests, max_client_batch_size=args.max_client_batch_size,
+        max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout or None,
     )  # fmt: skip
     service = load_service(args.model, device=args.device, dtype=args.dtype, pooling=args.pooling, limits=limits, api_key=api_key)
     sock = _listen(args.host, args.port)
@@ -100,8 +149,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"megabert serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)  # fmt: skip
     app = build_app(service)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=60)
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=int(args.drain_timeout) + 1
+    )
+    server = _draining_server(uvicorn, config, service, args.drain_timeout)
     service.server = server
 
     def warm() -> None:
@@ -114,9 +165,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"megabert serve: {service.name} on http://{args.host}:{sock.getsockname()[1]} "
           f"(routes: {', '.join(service.available())})", file=sys.stderr, flush=True)  # fmt: skip
     try:
-        # uvicorn stops accepting on SIGTERM/SIGINT, waits for the requests in flight, then
-        # re-raises the signal once its handlers are gone: megabert's own handler turns that
-        # into Terminated, which here means "drained": exit 0.
+        # SIGTERM/SIGINT starts the drain (503 to new requests, see _draining_server); once the
+        # requests in flight are answered uvicorn stops, then re-raises the signal once its
+        # handlers are gone: megabert's own handler turns that into Terminated, which here
+        # means "drained": exit 0.
         server.run(sockets=[sock])
     except Terminated:
         pass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import hmac
 import json
 import logging
@@ -58,6 +59,28 @@ HEAD_ROUTES = {
 INFERENCE_ROUTES = {"/embed", "/predict", "/rerank", "/v1/embeddings", *HEAD_ROUTES}
 ALL_ROUTES = {"/health", "/info", "/metrics", "/tokenize", "/decode", *INFERENCE_ROUTES}
 POOLINGS = ("mean", "cls", "pooler")
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024  # TEI's payload limit is 2 MB; 32 texts of 512 tokens are ~100 kB
+DEFAULT_REQUEST_TIMEOUT = 60.0
+
+
+class _Call:
+    """One inference request on its way: its Starlette request (for _run to watch for the client
+    going away) and whether it still counts in ``Service.preparing`` (read, not yet queued)."""
+
+    __slots__ = ("request", "preparing")
+
+    def __init__(self) -> None:
+        self.request: Any = None
+        self.preparing = False
+
+    def queued(self, service: Service) -> None:
+        if self.preparing:
+            self.preparing = False
+            service.preparing -= 1
+
+
+# Set by the gate middleware for each inference request; the endpoint's task sees the same object.
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("megabert_serve_call", default=None)
 
 
 class HTTPError(Exception):
@@ -81,6 +104,8 @@ class Limits:
     max_batch_requests: int | None = None
     max_concurrent_requests: int = 512
     max_client_batch_size: int = 32
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT  # seconds in the queue and the model; None: no limit
 
 
 @dataclass
@@ -102,6 +127,7 @@ class Service:
     batcher: Batcher | None = None
     metrics: Any = None
     in_flight: int = 0
+    preparing: int = 0  # inference requests accepted and not queued yet (the batcher waits for them)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -110,7 +136,14 @@ class Service:
 
     @property
     def draining(self) -> bool:
-        return self.server is not None and bool(getattr(self.server, "should_exit", False))
+        """SIGTERM was received: new requests get 503 while the ones in flight finish."""
+        server = self.server
+        return server is not None and bool(getattr(server, "draining", False) or getattr(server, "should_exit", False))
+
+    @property
+    def idle(self) -> bool:
+        """No inference request in flight and none queued (the drain can end)."""
+        return self.in_flight == 0 and (self.batcher is None or self.batcher.depth == 0)
 
     def available(self) -> list[str]:
         """The routes this model answers (the others give 404)."""
@@ -216,6 +249,10 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, float("inf")),
         )  # fmt: skip
         self.queue_depth = Gauge("megabert_queue_depth", "requests waiting for the model", registry=self.registry)
+        self.dropped = Counter(
+            "megabert_dropped_requests", "requests dropped from the queue before they ran, by reason",
+            ["reason"], registry=self.registry,
+        )  # fmt: skip
 
     def observe_batch(self, tokens: int, requests: int, seconds: float) -> None:
         self.batch_tokens.observe(tokens)
@@ -264,8 +301,25 @@ def _error_response(exc: HTTPError, openai: bool = False) -> Any:
     return _json_response(content, exc.status, exc.headers)
 
 
-async def _read_body(request: Any) -> dict[str, Any]:
-    raw = await request.body()
+def _too_large(size: str, limit: int) -> HTTPError:
+    return HTTPError(
+        413, f"body: {size}, more than this server takes (--max-body-bytes {limit})", error_type="PayloadTooLarge",
+        param="body", headers={"Connection": "close"},
+    )  # fmt: skip
+
+
+async def _read_body(request: Any, limit: int) -> dict[str, Any]:
+    """The JSON object of the body, read only up to ``limit`` bytes (413 beyond, before any parsing)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise _too_large(f"{int(declared)} bytes", limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():  # chunked bodies have no content-length: count as they come
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"more than {limit} bytes", limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -342,13 +396,57 @@ def _prepare(
     return Job(key=key, pipeline=pipe, params=checked, items=items, encoded=encoded, postprocess=postprocess)
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready (nobody reads the response)."""
+
+
+async def _wait_disconnect(request: Any) -> None:
+    """Return once the client has closed the connection (the body was read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 async def _run(service: Service, job: Job) -> list[Any]:
-    """Queue the job and wait for its results."""
+    """Queue the job and wait for its results, within --request-timeout and while the client is there.
+
+    A job whose client goes away, or whose time runs out, while it waits in the queue is dropped
+    from it (it never reaches the model); one already in a batch finishes, its answer unread.
+    """
+    batcher = service.batcher
+    call = _CALL.get()
     try:
-        future = service.batcher.submit(job)  # type: ignore[union-attr]
+        future = batcher.submit(job)  # type: ignore[union-attr]
     except ShuttingDown:
         raise HTTPError(503, "the server is shutting down", error_type="Unhealthy") from None
-    return await asyncio.wrap_future(future)
+    finally:
+        if call is not None:
+            call.queued(service)  # after the submit: the worker always sees it incoming or queued
+    result = asyncio.wrap_future(future)
+    request = call.request if call is not None else None
+    watch = asyncio.ensure_future(_wait_disconnect(request)) if request is not None else None
+    timeout = service.limits.request_timeout
+    try:
+        done, _ = await asyncio.wait([result] if watch is None else [result, watch], timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+    finally:
+        if watch is not None:
+            watch.cancel()
+    if result in done:
+        return result.result()
+    reason = "disconnected" if watch is not None and watch in done else "timeout"
+    dropped = batcher.cancel(job)  # type: ignore[union-attr]
+    if dropped and service.metrics is not None:
+        service.metrics.dropped.labels(reason).inc()
+    result.cancel()
+    if reason == "disconnected":
+        logger.info("client went away; its request was %s", "dropped from the queue" if dropped else "already running")
+        raise ClientGone()
+    raise HTTPError(
+        503, f"no answer within {timeout:g} s (--request-timeout {timeout:g}); the server is busy, retry later",
+        error_type="Timeout", headers={"Retry-After": "1"},
+    )  # fmt: skip
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -609,6 +707,8 @@ def info(service: Service) -> dict[str, Any]:
             "max_batch_requests": service.limits.max_batch_requests,
             "max_concurrent_requests": service.limits.max_concurrent_requests,
             "max_client_batch_size": service.limits.max_client_batch_size,
+            "max_body_bytes": service.limits.max_body_bytes,
+            "request_timeout": service.limits.request_timeout,
         },
         "version": __version__,
     }
@@ -632,8 +732,9 @@ def build_app(service: Service) -> Any:
         service.metrics = Metrics()
     if service.batcher is None:
         service.batcher = Batcher(
-            service.limits.max_batch_tokens, service.limits.max_batch_requests, metrics=service.metrics
-        )
+            service.limits.max_batch_tokens, service.limits.max_batch_requests, metrics=service.metrics,
+            incoming=lambda: service.preparing,
+        )  # fmt: skip
         service.batcher.start()
     metrics = service.metrics
     app = FastAPI(title="megabert serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -647,6 +748,7 @@ def build_app(service: Service) -> Any:
         label = path if path in ALL_ROUTES else "other"
         openai = path.startswith("/v1/")
         counted = False
+        call = None
         try:
             if service.draining and path != "/health":
                 raise HTTPError(503, "the server is shutting down", error_type="Unhealthy", headers={"Connection": "close"})
@@ -664,12 +766,18 @@ def build_app(service: Service) -> Any:
                     )  # fmt: skip
                 service.in_flight += 1  # one event loop: no lock needed
                 counted = True
+                call = _Call()
+                call.preparing = True
+                service.preparing += 1
+                _CALL.set(call)
             response = await call_next(request)
         except HTTPError as exc:
             response = _error_response(exc, openai)
         finally:
             if counted:
                 service.in_flight -= 1
+            if call is not None:
+                call.queued(service)  # answered before it was queued (an error): no longer incoming
         seconds = time.perf_counter() - start
         metrics.requests.labels(label, str(response.status_code)).inc()
         metrics.request_seconds.labels(label).observe(seconds)
@@ -699,11 +807,16 @@ def build_app(service: Service) -> Any:
         openai = path.startswith("/v1/")
 
         async def endpoint(request: Request) -> Any:
+            call = _CALL.get()
+            if call is not None:
+                call.request = request  # _run watches it for a disconnect
             try:
                 if not service.ready:
                     raise HTTPError(503, "the model is still loading", error_type="Unhealthy", headers={"Retry-After": "1"})
-                body = await _read_body(request)
+                body = await _read_body(request, service.limits.max_body_bytes)
                 return _json_response(await handler(service, body))
+            except ClientGone:  # nobody reads this answer (nginx's 499)
+                return _json_response({"error": "client closed the connection", "error_type": "ClientClosed"}, 499)
             except HTTPError as exc:
                 return _error_response(exc, openai)
             except UserError as exc:  # the pipelines' checks (InputError names the input)

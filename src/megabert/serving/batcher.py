@@ -8,7 +8,10 @@ adds the next jobs of the same pipeline and parameters while the batch stays wit
 ``run_rows`` in length-sorted forward passes (the pipelines' own; the model is loaded
 with ``unpad_inputs`` so padding never reaches the layers), and answers each job with the
 pipeline's ``_postprocess``. A single worker owns the model: no locking around it, and a
-request's latency is its queue time plus one batch.
+request's latency is its queue time plus one batch. While requests are still being read or
+tokenized (``incoming``) the worker holds a batch with room for up to ``max_wait``; a job
+whose future is cancelled before its batch starts (:meth:`Batcher.cancel`: the client went
+away or timed out) is dropped and never runs.
 
 A row's result does not depend on its batch-mates: every layer works on each row (each token,
 unpadded) on its own, so a text gives the same numbers alone or in any batch.
@@ -97,12 +100,27 @@ class Batcher:
         max_batch_requests: most jobs in one batch (None: no limit but the token budget).
         metrics: an object with ``observe_batch(tokens, requests, seconds)``,
             ``observe_queue(seconds)`` and ``set_queue_depth(n)``, or None.
+        incoming: the number of requests accepted but not queued yet (still being read or
+            tokenized), or None. While it is above 0 and the batch has room, the worker waits
+            for them, up to ``max_wait`` seconds: under load the next batch is then one large
+            batch instead of many of one or two requests (whose fixed cost per forward pass, on
+            a CPU, also starves the threads that would feed it). A lone request (nothing
+            incoming) never waits.
     """
 
-    def __init__(self, max_batch_tokens: int = 16384, max_batch_requests: int | None = None, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        max_batch_tokens: int = 16384,
+        max_batch_requests: int | None = None,
+        metrics: Any = None,
+        incoming: Callable[[], int] | None = None,
+        max_wait: float = 0.01,
+    ) -> None:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_requests = max_batch_requests
         self.metrics = metrics
+        self.incoming = incoming
+        self.max_wait = max_wait
         self._pending: list[Job] = []
         self._cond = threading.Condition()
         self._stopping = False
@@ -127,6 +145,15 @@ class Batcher:
             self._set_depth()
             self._cond.notify()
         return job.future
+
+    def cancel(self, job: Job) -> bool:
+        """Drop a job that has not started (its client went away or timed out); False once it runs."""
+        with self._cond:
+            if job not in self._pending or not job.future.cancel():
+                return False
+            self._pending.remove(job)
+            self._set_depth()
+            return True
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish the queued jobs, then end the worker."""
@@ -153,6 +180,12 @@ class Batcher:
                 if self._stopping:
                     return None
                 self._cond.wait()
+            # Jobs whose future was cancelled (the client went away) are dropped, never run.
+            self._pending = [job for job in self._pending if not job.future.cancelled()]
+            if not self._pending:
+                self._set_depth()
+                return []
+            self._wait_for_incoming()
             first = self._pending[0]
             batch, tokens = [], 0
             for job in list(self._pending):
@@ -162,18 +195,39 @@ class Batcher:
                     self.max_batch_requests is not None and len(batch) >= self.max_batch_requests
                 )):
                     break
+                self._pending.remove(job)
+                # From here on the job cannot be cancelled (Batcher.cancel answers False).
+                if not job.future.set_running_or_notify_cancel():
+                    continue
                 batch.append(job)
                 tokens += job.tokens
-            for job in batch:
-                self._pending.remove(job)
             self._set_depth()
             return batch
+
+    def _wait_for_incoming(self) -> None:
+        """Hold the batch (the lock is held) while requests are on their way and it has room."""
+        if self.incoming is None or self.max_wait <= 0:
+            return
+        deadline = time.perf_counter() + self.max_wait
+        while not self._stopping and self.incoming() > 0:
+            key = self._pending[0].key
+            jobs = [job for job in self._pending if job.key == key]
+            if sum(job.tokens for job in jobs) >= self.max_batch_tokens or (
+                self.max_batch_requests is not None and len(jobs) >= self.max_batch_requests
+            ):
+                return
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._cond.wait(min(left, 0.002))  # a submit wakes it at once
 
     def _loop(self) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
+            if not batch:
+                continue
             now = time.perf_counter()
             if self.metrics is not None:
                 for job in batch:
@@ -228,4 +282,5 @@ class Batcher:
                     answers.append(job.pipeline._postprocess(item, enc, outs, job.params))
             job.future.set_result(answers)
         except Exception as exc:
-            job.future.set_exception(exc)
+            if not job.future.done():
+                job.future.set_exception(exc)
