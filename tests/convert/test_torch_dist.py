@@ -34,6 +34,7 @@ import megabert
 from megabert.convert.megatron_lm import convert_megatron_to_hf
 from megabert.errors import UserError
 from tests.convert.megatron_fixtures import batch
+from tests.convert.torch_dist_worker import stub_cpu_save
 from tests.convert.test_megatron_core import EPS, HEADS, HIDDEN, LAYERS, POSITIONS, VOCAB, _bert, cpu_forward, megatron_core  # noqa: F401
 
 pytest.importorskip("megatron.core")
@@ -43,26 +44,9 @@ ATOL = 1e-5
 @pytest.fixture
 def cpu_save(megatron_core, monkeypatch):
     """Let megatron-core's torch_dist save run on the CPU, in this process (see the module docstring)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    writer = filesystem_async.FileSystemWriterAsync
-
-    def write_inline(transform_list, use_msc, rank, write_buckets, global_results_queue):
-        results, local, count = {}, queue.Queue(), queue.Queue()
-        for index, bucket in enumerate(write_buckets):
-            count.put(index)
-            writer.write_preloaded_data(transform_list, index, bucket, local, count, False)
-            got_index, got = local.get()
-            if isinstance(got, Exception):
-                raise got
-            results[got_index] = got
-        global_results_queue.put(results)
-
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
-    monkeypatch.setattr(writer, "write_preloaded_data_multiproc", staticmethod(write_inline))
-    monkeypatch.setattr(filesystem_async, "_results_queue", queue.Queue())
-    monkeypatch.setattr(filesystem_async, "_process_memory", lambda: 0)
+    stub_cpu_save(monkeypatch.setattr)
 
 
 def _args(tied: bool, **overrides) -> argparse.Namespace:

@@ -19,6 +19,32 @@ from pathlib import Path
 import torch
 
 
+def stub_cpu_save(set_attr) -> None:
+    """Let megatron-core's torch_dist save run on the CPU in one process (test_torch_dist.py's docstring says why).
+
+    ``set_attr(obj, name, value)``: ``setattr`` here, ``monkeypatch.setattr`` in the tests.
+    The per-bucket writes that megatron-core forks out run in this process, with plain queues.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    writer = filesystem_async.FileSystemWriterAsync
+
+    def write_inline(transform_list, use_msc, rank, write_buckets, global_results_queue):
+        results, local, count = {}, queue.Queue(), queue.Queue()
+        for index, bucket in enumerate(write_buckets):
+            count.put(index)
+            writer.write_preloaded_data(transform_list, index, bucket, local, count, False)
+            got_index, got = local.get()
+            if isinstance(got, Exception):
+                raise got
+            results[got_index] = got
+        global_results_queue.put(results)
+
+    set_attr(writer, "write_preloaded_data_multiproc", staticmethod(write_inline))
+    set_attr(filesystem_async, "_results_queue", queue.Queue())
+    set_attr(filesystem_async, "_process_memory", lambda: 0)
+
+
 def main() -> None:
     out, tied = Path(sys.argv[1]), sys.argv[2] == "tied"
     warnings.simplefilter("ignore")
@@ -27,7 +53,6 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
     from megatron.core.models.bert.bert_model import BertModel
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -39,22 +64,7 @@ def main() -> None:
     tracker.fork = lambda self, name=None: contextlib.nullcontext()
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_device = lambda: "cpu"
-    writer = filesystem_async.FileSystemWriterAsync
-
-    def write_inline(transform_list, use_msc, rank_, write_buckets, global_results_queue):
-        results, local, count = {}, queue.Queue(), queue.Queue()
-        for index, bucket in enumerate(write_buckets):
-            count.put(index)
-            writer.write_preloaded_data(transform_list, index, bucket, local, count, False)
-            got_index, got = local.get()
-            if isinstance(got, Exception):
-                raise got
-            results[got_index] = got
-        global_results_queue.put(results)
-
-    writer.write_preloaded_data_multiproc = staticmethod(write_inline)
-    filesystem_async._results_queue = queue.Queue()
-    filesystem_async._process_memory = lambda: 0
+    stub_cpu_save(setattr)
 
     parallel_state.initialize_model_parallel(world, 1)
     vocab, hidden, heads, layers, positions, eps = 96, 32, 4, 2, 40, 1e-6
