@@ -37,6 +37,7 @@ _EXPORTS = {
     "pipeline": "megabert.inference.pipelines",
     "convert_megatron_to_hf": "megabert.convert.megatron_lm",
     "convert_hf_to_megatron": "megabert.convert.megatron_lm",
+    "convert_nemo_to_hf": "megabert.convert.nemo",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -167,3 +167,9 @@ def test_wrong_model_kind(tmp_path):
         _add(archive, "model_config.yaml", b"target: nemo.collections.nlp.models.language_modeling.megatron_gpt_model.MegatronGPTModel\n")
     with pytest.raises(UserError, match=r"is a MegatronGPTModel model, not a MegatronBERT"):
         convert_megatron_to_hf(src, tmp_path / "out")
+
+
+def test_convert_nemo_to_hf_is_exported_at_the_top_level():
+    from megabert.convert.nemo import convert_nemo_to_hf
+
+    assert megabert.convert_nemo_to_hf is convert_nemo_to_hf and "convert_nemo_to_hf" in megabert.__all__
