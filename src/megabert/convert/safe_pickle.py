@@ -23,6 +23,7 @@ Files in the zip format are memory-mapped, so a tensor's bytes are read only whe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import pickle
@@ -30,7 +31,7 @@ import pickletools
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -262,16 +263,24 @@ def safe_load(path: str | os.PathLike, mmap: bool | None = None) -> Any:
         raise UserError(f"cannot read checkpoint {path}: {exc}") from None
     # Exactly our allowlist: other libraries in the process may have widened torch's global one
     # (megatron-core allowlists pathlib paths and its own classes, for instance).
-    others = torch.serialization.get_safe_globals()
-    torch.serialization.clear_safe_globals()
     try:
-        torch.serialization.add_safe_globals(allowed)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=bool(mmap and is_zip))
+        with _only_safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=bool(mmap and is_zip))
     except pickle.UnpicklingError as exc:
         raise UserError(describe_load_error(path, exc)) from None
     except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         first = _plain(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({first})") from None
+
+
+@contextlib.contextmanager
+def _only_safe_globals(allowed: list) -> Iterator[None]:
+    """torch's weights-only global allowlist set to exactly ``allowed`` inside the block, restored after."""
+    others = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        torch.serialization.add_safe_globals(allowed)
+        yield
     finally:
         torch.serialization.clear_safe_globals()
         torch.serialization.add_safe_globals(others)
@@ -283,17 +292,14 @@ def safe_load_tensor_bytes(data: bytes, where: str) -> torch.Tensor:
     Only torch's own weights-only list applies (tensors and storages); anything else, or a
     record that is not a single tensor, is a :class:`UserError` naming ``where``.
     """
-    others = torch.serialization.get_safe_globals()
-    torch.serialization.clear_safe_globals()
     try:
-        value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with _only_safe_globals([]):
+            value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(describe_load_error(where, exc)) from None
     except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         first = _plain(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{where} is not a readable tensor record ({first})") from None
-    finally:
-        torch.serialization.add_safe_globals(others)
     if not isinstance(value, torch.Tensor):
         raise UserError(f"{where} holds a {type(value).__name__}, not a tensor")
     return value
