@@ -271,7 +271,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
-    import megabert.convert.megatron_lm as module
+    import megabert.convert.hf_folder as module  # where the HF folder is written
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -15,7 +15,7 @@ import torch
 
 from megabert.cli import main as cli_main
 from megabert.convert.megatron_lm import convert_megatron_to_hf
-from megabert.convert.safe_pickle import MegatronObject, globals_in_checkpoint, safe_load
+from megabert.safe_pickle import MegatronObject, globals_in_checkpoint, safe_load
 from megabert.convert.sources import find_shards
 from megabert.errors import UserError
 from tests.convert.megatron_fixtures import Layout, megatron_shards, reference_model, write_save_folder

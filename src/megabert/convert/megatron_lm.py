@@ -5,7 +5,8 @@ and Megatron-LM save folders (tensor- and pipeline-parallel shards, legacy or Me
 names, checkpoint versions 0 to 3) and writes a model folder (``config.json`` +
 ``model.safetensors``, plus the tokenizer with ``vocab_file``) that megabert and
 ``transformers`` load. :func:`convert_hf_to_megatron` writes a model folder back as a
-Megatron-LM legacy checkpoint split over any TP x PP grid, to go on training in Megatron-LM.
+Megatron-LM legacy checkpoint split over any TP x PP grid, or as a Megatron Core
+``torch_dist`` checkpoint (:mod:`to_torch_dist`), to go on training in Megatron-LM.
 
 Both are safe with untrusted files (pickles are read without running their code, zip paths are
 checked) and atomic: the output folder appears only when complete.
@@ -21,15 +22,13 @@ import zipfile
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from megabert.config import MegatronBertConfig
-from megabert.convert.from_megatron import check_checkpoint, checkpoint_dims, config_from_checkpoint, plan_state
-from megabert.convert.megatron_args import config_to_args, lowercase_from_args
+from megabert.convert.hf_folder import NOT_CONVERTED, write_hf_folder
+from megabert.convert.megatron_args import config_to_args
 from megabert.convert.qkv import check_version
-from megabert.convert.reader import LoadedCheckpoint, load_checkpoint
+from megabert.convert.reader import load_checkpoint
 from megabert.convert.sources import CHECKPOINT_NAME, TRACKER_NAME, ShardSet, find_shards
-from megabert.convert.stream_safetensors import PendingTensor, write_safetensors
 from megabert.convert.to_megatron import check_hf_shapes, megatron_shard, normalise_hf_state, pad_vocab
 from megabert.errors import UserError, require_file
 from megabert.utils import atomic_folder
@@ -38,87 +37,13 @@ __all__ = ["convert_hf_to_megatron", "convert_megatron_to_hf"]
 
 logger = logging.getLogger(__name__)
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
 _SCRATCH = ".megatron-source"  # zip extraction folder inside the (temporary) output folder
-
-
-# Non-finite weights are refused in both directions: a converted NaN spreads into every output.
-_NOT_CONVERTED = "; a checkpoint with non-finite weights is not converted"
-
-
-def _finite_checked(name: str, pending: PendingTensor, source: Path) -> PendingTensor:
-    """``pending`` whose tensor is checked for NaN/inf when it is made (just before it is written)."""
-    from megabert.modeling.pretrained import check_finite_weights
-
-    def make() -> torch.Tensor:
-        tensor = pending.make()
-        check_finite_weights({name: tensor}, source, _NOT_CONVERTED)
-        return tensor
-
-    return PendingTensor(pending.shape, pending.dtype, make)
-
-
-def _resolve_lowercase(lowercase: bool | None, args: object, where: str) -> bool | None:
-    """Casing for the tokenizer: the caller's choice, else the checkpoint's tokenizer_type, else None (guess)."""
-    saved = lowercase_from_args(args)
-    if lowercase is None:
-        return saved
-    if saved is not None and saved != lowercase:
-        logger.warning(
-            "%s was trained with a %s tokenizer, but %s was asked for; using %s",
-            where, "lower-casing" if saved else "cased", "lower-casing" if lowercase else "cased",
-            "lower-casing" if lowercase else "cased",
-        )  # fmt: skip
-    return lowercase
-
-
-def _write_tokenizer(folder: Path, vocab_file: Path, lowercase: bool | None, config: MegatronBertConfig) -> None:
-    from megabert.tokenization import MegatronBertTokenizer
-
-    tokenizer = MegatronBertTokenizer.from_pretrained(
-        vocab_file, lowercase=lowercase, model_max_length=config.max_position_embeddings
-    )
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(
-            f"{vocab_file} has {tokenizer.vocab_size} tokens but the checkpoint's embedding has only "
-            f"{config.vocab_size} rows: it is not this model's vocabulary"
-        )
-    if tokenizer.vocab_size < config.vocab_size:
-        logger.info(
-            "vocabulary: %d tokens; the embedding has %d rows (Megatron pads it to a multiple of 128 x TP)",
-            tokenizer.vocab_size, config.vocab_size,
-        )  # fmt: skip
-    tokenizer.save_pretrained(folder)
 
 
 def _is_nemo(src: Path) -> bool:
     import tarfile
 
     return src.is_file() and (src.suffix == ".nemo" or (not zipfile.is_zipfile(src) and tarfile.is_tarfile(src)))
-
-
-def write_hf_folder(
-    ckpt: LoadedCheckpoint,
-    tmp: Path,
-    src: Path,
-    *,
-    vocab_file: Path | None,
-    lowercase: bool | None,
-    num_attention_heads: int | None,
-) -> MegatronBertConfig:
-    """Write ``config.json``, ``model.safetensors`` (one tensor at a time) and the tokenizer of ``ckpt`` into ``tmp``."""
-    check_checkpoint(ckpt)
-    dims = checkpoint_dims(ckpt, num_attention_heads)
-    plan, binary_head, untied = plan_state(ckpt, dims)
-    plan = {name: _finite_checked(name, pending, src) for name, pending in plan.items()}
-    dtype = plan["bert.embeddings.word_embeddings.weight"].dtype
-    config = config_from_checkpoint(ckpt, dims, binary_head, untied, dtype)
-    if vocab_file is not None:
-        _write_tokenizer(tmp, Path(vocab_file), _resolve_lowercase(lowercase, ckpt.args, str(src)), config)
-    config.save_pretrained(tmp)
-    with tqdm(total=len(plan), desc="converting", unit="tensor", disable=None) as progress:
-        write_safetensors(tmp / SAFE_WEIGHTS_NAME, plan, metadata={"format": "pt"}, progress=progress)
-    return config
 
 
 def convert_megatron_to_hf(
@@ -191,6 +116,9 @@ def _tokenizer_type(hf_dir: Path, tokenizer_type: str | None) -> str | None:
     return None
 
 
+CKPT_FORMATS = ("legacy", "torch_dist")
+
+
 def convert_hf_to_megatron(
     hf_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -201,23 +129,41 @@ def convert_hf_to_megatron(
     iteration: int | None = None,
     tokenizer_type: str | None = None,
     overwrite: bool = False,
+    ckpt_format: str = "legacy",
 ) -> Path:
-    """Write the HF model folder ``hf_dir`` as a Megatron-LM legacy checkpoint at ``out``.
+    """Write the HF model folder ``hf_dir`` as a Megatron-LM checkpoint at ``out``.
 
-    The model is split over ``tensor_parallel`` x ``pipeline_parallel`` ranks
-    (``mp_rank_XX`` or ``mp_rank_XX_YYY`` folders). ``checkpoint_version`` (0, 1, 2 or 3)
-    picks the fused-QKV layout and the names (``transformer``/``attention`` below 3,
-    ``encoder``/``self_attention`` from 3). Without ``iteration`` the checkpoint is a
-    ``release`` (Megatron-LM then starts at iteration 0 and loads no optimizer or RNG state);
-    with it, ``iter_NNNNNNN``. Returns ``out``.
+    ``ckpt_format="legacy"`` (Megatron-LM's ``--ckpt-format torch``): the model is split over
+    ``tensor_parallel`` x ``pipeline_parallel`` ranks (``mp_rank_XX`` or ``mp_rank_XX_YYY``
+    folders); ``checkpoint_version`` (0, 1, 2 or 3) picks the fused-QKV layout and the names
+    (``transformer``/``attention`` below 3, ``encoder``/``self_attention`` from 3).
+
+    ``ckpt_format="torch_dist"`` (``--ckpt-format torch_dist``, Megatron-LM's default): one
+    distributed checkpoint in megatron-core's BertModel layout, which Megatron-LM loads at any
+    TP x PP, so ``tensor_parallel``/``pipeline_parallel`` must stay 1 and ``checkpoint_version`` 3;
+    an untied output layer is kept (the legacy layout refuses it). See :mod:`to_torch_dist`.
+
+    Without ``iteration`` the checkpoint is a ``release`` (Megatron-LM then starts at iteration
+    0 and loads no optimizer or RNG state); with it, ``iter_NNNNNNN``. Returns ``out``.
     """
     hf_dir, out = Path(hf_dir), Path(out)
+    if ckpt_format not in CKPT_FORMATS:
+        raise UserError(f"unknown checkpoint format {ckpt_format!r} (use {' or '.join(CKPT_FORMATS)})")
     for name, value in (("tensor_parallel", tensor_parallel), ("pipeline_parallel", pipeline_parallel)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     if iteration is not None and (isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0):
         raise UserError(f"iteration must be a non-negative integer, got {iteration!r}")
     version = check_version(checkpoint_version, "--checkpoint-version")
+    dist = ckpt_format == "torch_dist"
+    if dist and (tensor_parallel, pipeline_parallel) != (1, 1):
+        raise UserError(
+            f"a torch_dist checkpoint is not split by rank (Megatron-LM loads it at any TP x PP): "
+            f"drop --tensor-parallel {tensor_parallel} / --pipeline-parallel {pipeline_parallel}, "
+            "or use --format legacy"
+        )
+    if dist and version != 3.0:
+        raise UserError(f"a torch_dist checkpoint has Megatron Core's layout (checkpoint version 3), not {version:g}")
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"model folder {hf_dir} does not exist")
 
@@ -225,9 +171,12 @@ def convert_hf_to_megatron(
 
     config = MegatronBertConfig.from_pretrained(hf_dir)
     hf_state = read_state_dict(hf_dir, check_finite=False)
-    check_finite_weights(hf_state, hf_dir, _NOT_CONVERTED)
-    state, binary_head = normalise_hf_state(hf_state, str(hf_dir))
-    check_hf_shapes(state, config, binary_head, str(hf_dir))
+    check_finite_weights(hf_state, hf_dir, NOT_CONVERTED)
+    state, binary_head = normalise_hf_state(hf_state, str(hf_dir), keep_untied=dist)
+    untied = "cls.predictions.decoder.weight" in state
+    check_hf_shapes(state, config, binary_head, str(hf_dir), untied=untied)
+    if dist:
+        return _write_torch_dist(hf_dir, out, state, config, binary_head, untied, iteration, tokenizer_type, overwrite)
     heads, layers = config.num_attention_heads, config.num_hidden_layers
     if heads % tensor_parallel != 0:
         raise UserError(
@@ -273,4 +222,37 @@ def convert_hf_to_megatron(
                 checkpoint = {"model": model, "args": args, "checkpoint_version": version, "iteration": iteration or 0}
                 torch.save(checkpoint, target)
         (tmp / TRACKER_NAME).write_text("release" if iteration is None else str(iteration), encoding="utf-8")
+    return out
+
+
+def _write_torch_dist(
+    hf_dir: Path,
+    out: Path,
+    state: dict[str, torch.Tensor],
+    config: MegatronBertConfig,
+    binary_head: bool,
+    untied: bool,
+    iteration: int | None,
+    tokenizer_type: str | None,
+    overwrite: bool,
+) -> Path:
+    """The torch_dist half of :func:`convert_hf_to_megatron` (``state`` checked, in the legacy exporter's names)."""
+    from megabert.convert.to_torch_dist import core_tensors, write_torch_dist
+
+    # No padding: tensors are saved whole, and megatron-core's embedding and output layer load
+    # with `allow_shape_mismatch` when Megatron-LM pads the vocabulary for its TP degree.
+    padded_vocab = state["bert.embeddings.word_embeddings.weight"].shape[0]
+    token_types = state.get("bert.embeddings.token_type_embeddings.weight")
+    write_token_types = binary_head or (token_types is not None and bool(token_types.any()))
+    dtype = state["bert.embeddings.word_embeddings.weight"].dtype
+    args = config_to_args(
+        config, tensor_parallel=1, pipeline_parallel=1, padded_vocab_size=padded_vocab, binary_head=binary_head,
+        dtype=dtype, iteration=iteration or 0, tokenizer_type=_tokenizer_type(hf_dir, tokenizer_type),
+    )  # fmt: skip
+    args.untie_embeddings_and_output_weights = untied
+    args.ckpt_format = "torch_dist"
+    args.transformer_impl = "local"
+    tensors = core_tensors(state, config, binary_head=binary_head, write_token_types=write_token_types, untied=untied)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        write_torch_dist(tmp, tensors, args=args, iteration=iteration, num_layers=config.num_hidden_layers)
     return out

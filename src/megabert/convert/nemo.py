@@ -175,9 +175,9 @@ def convert_nemo_to_hf(
     casing from ``lowercase``, else the archive's tokenizer config. The folder appears only when
     complete. Returns ``out``.
     """
-    from megabert.convert.megatron_lm import _SCRATCH as _MLM_SCRATCH, write_hf_folder
+    from megabert.convert.hf_folder import write_hf_folder
     from megabert.convert.reader import LoadedCheckpoint, _flatten, _layout_of
-    from megabert.convert.safe_pickle import safe_load
+    from megabert.safe_pickle import safe_load
     from megabert.convert.torch_dist import load_torch_dist
 
     src, out = Path(src), Path(out)
@@ -258,5 +258,4 @@ def convert_nemo_to_hf(
             write_hf_folder(ckpt, tmp, src, vocab_file=vocab_file, lowercase=lowercase, num_attention_heads=num_attention_heads)
             del ckpt
             shutil.rmtree(scratch, ignore_errors=True)
-            shutil.rmtree(tmp / _MLM_SCRATCH, ignore_errors=True)
     return out

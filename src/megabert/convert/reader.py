@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from megabert.convert.megatron_args import arg
 from megabert.convert.qkv import check_version
-from megabert.convert.safe_pickle import safe_load
+from megabert.safe_pickle import safe_load
 from megabert.convert.sources import ShardSet
 from megabert.errors import UserError
 

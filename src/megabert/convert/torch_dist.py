@@ -36,7 +36,7 @@ import torch
 
 from megabert.convert.qkv import check_version
 from megabert.convert.reader import CORE, LEGACY, LoadedCheckpoint, _layout_of
-from megabert.convert.safe_pickle import safe_load, safe_load_dcp_metadata, safe_load_tensor_bytes
+from megabert.safe_pickle import safe_load, safe_load_dcp_metadata, safe_load_tensor_bytes
 from megabert.convert.sources import TRACKER_NAME
 from megabert.errors import UserError
 
