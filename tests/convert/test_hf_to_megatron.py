@@ -196,3 +196,109 @@ def test_shape_disagreeing_with_config_on_export(tmp_path):
 def test_missing_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model folder .*nothing does not exist"):
         convert_hf_to_megatron(tmp_path / "nothing", tmp_path / "m")
+
+
+# ----------------------------------------------------------------------------- --format torch_dist
+# (that megatron-core's own dist_checkpointing.load reads the export: test_torch_dist.py)
+
+
+def _untied(seed: int = 0, **overrides):
+    model = reference_model(seed=seed, tie_word_embeddings=False, **overrides)
+    with torch.no_grad():
+        model.cls.predictions.decoder.weight.add_(0.5)  # really untied: differs from the embeddings
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_torch_dist_round_trip_is_bit_exact(tmp_path, tied):
+    source = _save(tmp_path, reference_model(seed=3) if tied else _untied(seed=3))
+    megatron = convert_hf_to_megatron(source, tmp_path / "megatron", ckpt_format="torch_dist")
+    back = convert_megatron_to_hf(megatron, tmp_path / "back")
+    before, after = _state(source), _state(back)
+    if tied:
+        before.pop("cls.predictions.decoder.weight", None)
+    before.pop("cls.predictions.decoder.bias", None)
+    assert ("cls.predictions.decoder.weight" in after) is not tied
+    assert sorted(before) == sorted(after)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    old, new = (json.loads((f / "config.json").read_text()) for f in (source, back))
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_act"):  # fmt: skip
+        assert old[field] == new[field], field
+    assert new["tie_word_embeddings"] is tied
+
+
+def test_torch_dist_bf16_without_binary_head(tmp_path):
+    model = reference_model(binary_head=False, seed=5).to(torch.bfloat16)
+    source = _save(tmp_path, model)
+    megatron = convert_hf_to_megatron(source, tmp_path / "megatron", ckpt_format="torch_dist", iteration=12)
+    assert (megatron / "latest_checkpointed_iteration.txt").read_text() == "12"
+    common = _read(megatron / "iter_0000012" / "common.pt")  # weights-only, Namespace the one class allowed
+    args = common["args"]
+    assert (common["iteration"], args.iteration, args.bf16, args.params_dtype) == (12, 12, True, torch.bfloat16)
+    assert args.bert_binary_head is False and args.untie_embeddings_and_output_weights is False
+    back = convert_megatron_to_hf(megatron, tmp_path / "back")
+    before, after = _state(source), _state(back)
+    assert all(t.dtype == torch.bfloat16 for t in after.values())
+    assert not any(k.startswith(("bert.pooler", "cls.seq_relationship")) for k in after)
+    for key, tensor in before.items():
+        if not key.startswith("cls.predictions.decoder"):
+            assert torch.equal(tensor, after[key]), key
+
+
+def test_torch_dist_through_the_cli(tmp_path, capsys):
+    from megabert.cli import main as cli_main
+
+    reference = _untied(seed=7)
+    source = _save(tmp_path, reference)
+    out = tmp_path / "mlm"
+    assert cli_main(["convert", "to-megatron", str(source), str(out), "--format", "torch_dist"]) == 0
+    assert sorted(p.name for p in (out / "release").iterdir()) == [".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
+    assert cli_main(["convert", "megatron", str(out), str(tmp_path / "back")]) == 0
+    after = _state(tmp_path / "back")
+    assert torch.equal(after["cls.predictions.decoder.weight"], reference.cls.predictions.decoder.weight)
+    capsys.readouterr()
+
+    refused = [
+        (["--format", "torch_dist", "--tensor-parallel", "2"], "--format torch_dist takes no --tensor-parallel/--pipeline-parallel"),
+        (["--format", "torch_dist", "--pipeline-parallel", "1"], "--format torch_dist takes no --tensor-parallel"),
+        (["--format", "torch_dist", "--checkpoint-version", "2"], "--format torch_dist takes no --checkpoint-version"),
+        ([], "--tensor-parallel T is required with --format legacy"),
+    ]  # fmt: skip
+    for extra, message in refused:
+        assert cli_main(["convert", "to-megatron", str(source), str(tmp_path / "no"), *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "no").exists()
+
+
+def test_torch_dist_bad_options(tmp_path):
+    source = _save(tmp_path, reference_model())
+    with pytest.raises(UserError, match=r"a torch_dist checkpoint is not split by rank .*--tensor-parallel 2"):
+        convert_hf_to_megatron(source, tmp_path / "m", ckpt_format="torch_dist", tensor_parallel=2)
+    with pytest.raises(UserError, match=r"Megatron Core's layout \(checkpoint version 3\), not 1"):
+        convert_hf_to_megatron(source, tmp_path / "m", ckpt_format="torch_dist", checkpoint_version=1.0)
+    with pytest.raises(UserError, match=r"unknown checkpoint format 'zarr' \(use legacy or torch_dist\)"):
+        convert_hf_to_megatron(source, tmp_path / "m", ckpt_format="zarr")
+    assert not (tmp_path / "m").exists()
+
+
+def test_torch_dist_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    """A failure after the shards are written (here: metadata.json) leaves neither OUT nor a temp folder."""
+    import types
+
+    from megabert.convert import to_torch_dist
+
+    source = _save(tmp_path, reference_model())
+    written = []
+
+    def fail(*args, **kwargs):
+        written.extend(p.name for p in tmp_path.glob(".m.*/release/*"))
+        raise OSError("simulated failure")
+
+    monkeypatch.setattr(to_torch_dist, "json", types.SimpleNamespace(dumps=fail))
+    with pytest.raises(OSError, match="simulated failure"):
+        convert_hf_to_megatron(source, tmp_path / "m", ckpt_format="torch_dist")
+    assert {".metadata", "__0_0.distcp", "common.pt"} <= set(written)  # it did fail late
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -13,9 +13,15 @@ imports megatron-core):
 * ``FileSystemWriterAsync.write_preloaded_data_multiproc`` -> the same per-bucket
   ``write_preloaded_data`` calls run in this process, with ``queue.Queue`` instead of the
   forked writers' and the spawned manager's queues;
-* ``filesystem_async._process_memory`` -> 0 (it needs psutil, which is not installed).
+* ``filesystem_async._process_memory`` -> 0 (it needs psutil, which is not installed);
+* at pipeline-parallel size 2 (the worker), ``torch.Tensor.cuda`` -> identity while the model is
+  built: the last stage's copy of the tied word embeddings is moved to the GPU to be
+  all-reduced with the first stage's.
 
 The forward stubs (global memory buffer, CUDA RNG tracker) are test_megatron_core.py's.
+
+The export direction (``megabert convert to-megatron --format torch_dist``) is checked at the
+end: megatron-core's own ``dist_checkpointing.load`` reads the export into its BertModel.
 """
 
 from __future__ import annotations
@@ -200,13 +206,8 @@ def test_gpt_checkpoint_is_refused(tmp_path, cpu_save):
     assert not (tmp_path / "out").exists()
 
 
-# slow: about 20 s each on 2 cores (`make test-slow`); the layout-independence of torch_dist is
-# what they show, the TP=1 tests cover the mapping itself.
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_tensor_parallel_2_torch_dist_converts_exactly(tmp_path, tied):
-    """TP=2 under torch.distributed.run (gloo, 2 CPU processes): torch_dist_worker.py saves, we convert."""
+def _torchrun(root, tied: bool, mode: str) -> None:
+    """torch_dist_worker.py on 2 gloo CPU processes under torch.distributed.run: saves into ``root``."""
     import os
     import socket
     import subprocess
@@ -214,16 +215,26 @@ def test_tensor_parallel_2_torch_dist_converts_exactly(tmp_path, tied):
     from pathlib import Path
 
     worker = Path(__file__).with_name("torch_dist_worker.py")
-    root = tmp_path / "tp2"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(worker), str(root), "tied" if tied else "untied"]  # fmt: skip
+               str(worker), str(root), "tied" if tied else "untied", mode]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list((root / "iter_0000010").glob("*.distcp"))) == 4  # 2 ranks x 2 writer buckets
+
+
+# slow: about 20 s each on 2 cores (`make test-slow`); the layout-independence of torch_dist is
+# what they show, the TP=1 tests cover the mapping itself.
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_tensor_parallel_2_torch_dist_converts_exactly(tmp_path, tied):
+    """TP=2 under torch.distributed.run (gloo, 2 CPU processes): torch_dist_worker.py saves, we convert."""
+    root = tmp_path / "tp2"
+    _torchrun(root, tied, "tp")
     expected = torch.load(root / "expected.pt")
     out = convert_megatron_to_hf(root, tmp_path / "hf")
     assert megabert.MegatronBertConfig.from_pretrained(out).tie_word_embeddings is tied
@@ -236,6 +247,42 @@ def test_tensor_parallel_2_torch_dist_converts_exactly(tmp_path, tied):
             got = converted(**inputs)
         torch.testing.assert_close(got.prediction_logits[real], expected["lm"][real], atol=ATOL, rtol=0)
         torch.testing.assert_close(got.seq_relationship_logits, expected["binary"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_pipeline_parallel_2_torch_dist_converts_like_tp1(tmp_path, cpu_save, cpu_forward, tied):
+    """PP=2 (2 layers per stage; embeddings on stage 0, heads and the tied copy on stage 1) = the TP=1 model.
+
+    The worker and this process fill every weight from its global checkpoint key and layer
+    (torch_dist_worker.fill_by_key), so the PP=2 save and the TP=1 save hold one model. Both
+    convert to the same HF weights, bit for bit, with the TP=1 model's logits.
+    """
+    from safetensors.torch import load_file
+
+    from tests.convert.torch_dist_worker import fill_by_key, pipeline_stage
+
+    _torchrun(tmp_path / "pp2", tied, "pp")
+    model = pipeline_stage(tied, 4, rank=0, world=1)  # one stage: the whole model
+    fill_by_key(model)
+    save_torch_dist(model, tmp_path / "tp1", _args(tied, num_layers=4))
+    # one global checkpoint layout (keys, shapes, chunk per layer), whichever ranks wrote it
+    assert _layout(tmp_path / "pp2" / "iter_0000010") == _layout(tmp_path / "tp1" / "iter_0000010")
+
+    pp2 = load_file(convert_megatron_to_hf(tmp_path / "pp2", tmp_path / "hf-pp2") / "model.safetensors")
+    tp1 = load_file(convert_megatron_to_hf(tmp_path / "tp1", tmp_path / "hf-tp1") / "model.safetensors")
+    assert sorted(pp2) == sorted(tp1) and ("cls.predictions.decoder.weight" in pp2) is not tied
+    for key in tp1:
+        assert torch.equal(pp2[key], tp1[key]), key
+    inputs = batch(VOCAB)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        lm_logits, binary_logits = model(inputs["input_ids"], inputs["attention_mask"], tokentype_ids=inputs["token_type_ids"])
+        got = megabert.MegatronBertForPreTraining.from_pretrained(tmp_path / "hf-pp2", attn_implementation="eager")(**inputs)
+    assert megabert.MegatronBertConfig.from_pretrained(tmp_path / "hf-pp2").num_hidden_layers == 4
+    torch.testing.assert_close(got.prediction_logits[real], lm_logits[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got.seq_relationship_logits, binary_logits, atol=ATOL, rtol=0)
 
 
 def test_nemo_with_torch_dist_model_weights(tmp_path, cpu_save, cpu_forward):
@@ -264,3 +311,100 @@ def test_nemo_with_torch_dist_model_weights(tmp_path, cpu_save, cpu_forward):
     assert megabert.MegatronBertConfig.from_pretrained(out).layer_norm_eps == EPS
     torch.testing.assert_close(got.prediction_logits[real], lm_logits[real], atol=ATOL, rtol=0)
     torch.testing.assert_close(got.seq_relationship_logits, binary_logits, atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- export (HF -> torch_dist)
+
+
+def _bert_from_args(args):
+    """megatron-core's BertModel (local spec) built from a checkpoint's args, as Megatron-LM's BERT builds it."""
+    from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
+    from megatron.core.models.bert.bert_model import BertModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size, layernorm_epsilon=args.layernorm_epsilon, use_cpu_initialization=True,
+        hidden_dropout=0.0, attention_dropout=0.0,
+    )  # fmt: skip
+    return BertModel(
+        config, num_tokentypes=2 if args.bert_binary_head else 0, transformer_layer_spec=bert_layer_local_spec,
+        vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        add_binary_head=args.bert_binary_head,
+    ).eval()  # fmt: skip
+
+
+def _layout(folder):
+    """Every entry of a torch_dist folder's .metadata: tensors with shape, dtype and chunks; byte objects."""
+    from megabert.safe_pickle import safe_load_dcp_metadata
+
+    out = {}
+    for key, entry in safe_load_dcp_metadata(folder / ".metadata").state_dict_metadata.items():
+        if hasattr(entry, "chunks"):
+            chunks = sorted((tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks)
+            out[key] = (tuple(entry.size), entry.properties.dtype, chunks)
+        else:
+            out[key] = "bytes"
+    return out
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_exported_torch_dist_loads_into_megatron_core(tmp_path, cpu_save, cpu_forward, tied):
+    """HF -> torch_dist -> megatron-core's own dist_checkpointing.load into its BertModel: the same logits."""
+    from megatron.core import dist_checkpointing
+
+    from megabert.convert.megatron_lm import convert_hf_to_megatron
+    from tests.convert.megatron_fixtures import reference_model
+
+    reference = reference_model(tie_word_embeddings=tied)
+    if not tied:
+        with torch.no_grad():
+            reference.cls.predictions.decoder.weight.add_(0.5)  # so that tying it would show
+    hf = tmp_path / "hf"
+    reference.save_pretrained(hf, safe_serialization=True)
+    (hf / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    root = convert_hf_to_megatron(hf, tmp_path / "megatron", ckpt_format="torch_dist")
+    assert (root / "latest_checkpointed_iteration.txt").read_text() == "release"
+    folder = root / "release"
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
+    assert json.loads((folder / "metadata.json").read_text()) == {
+        "sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1,
+    }  # fmt: skip
+
+    # common.pt through megatron-core's own (weights-only) loader, as Megatron-LM's --load reads it.
+    # `import megatron.core` allow-lists argparse.Namespace for weights-only loads; other tests'
+    # `torch.serialization.safe_globals([Namespace])` blocks take it off again when they end, so
+    # put megatron-core's list back as a fresh Megatron-LM process has it.
+    from megatron.core.safe_globals import register_safe_globals
+
+    register_safe_globals()
+    common = dist_checkpointing.load_common_state_dict(str(folder))
+    args = common["args"]
+    assert (common["iteration"], common["checkpoint_version"]) == (0, 3.0)
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.ffn_hidden_size) == (4, 32, 4, 64)
+    assert (args.padded_vocab_size, args.max_position_embeddings, args.layernorm_epsilon) == (96, 40, 1e-5)
+    assert args.untie_embeddings_and_output_weights is not tied and args.bert_binary_head is True
+    assert (args.tokenizer_type, args.ckpt_format, args.params_dtype) == ("BertWordPieceLowerCase", "torch_dist", torch.float32)
+
+    model = _bert_from_args(args)
+    # Megatron-LM's load_checkpoint: the model's sharded state dict under "model", then load_state_dict
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
+    model.load_state_dict(loaded["model"], strict=True)
+    if not tied:
+        assert torch.equal(model.output_layer.weight, reference.cls.predictions.decoder.weight)
+    inputs = batch(VOCAB)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        lm_logits, binary_logits = model(inputs["input_ids"], inputs["attention_mask"], tokentype_ids=inputs["token_type_ids"])
+        for converted in (megabert.MegatronBertForPreTraining.from_pretrained(hf, attn_implementation="eager"), reference):
+            got = converted(**inputs)
+            torch.testing.assert_close(lm_logits[real], got.prediction_logits[real], atol=ATOL, rtol=0)
+            torch.testing.assert_close(binary_logits, got.seq_relationship_logits, atol=ATOL, rtol=0)
+
+    # The layout is megatron-core's own: its save of the loaded model lists the same entries
+    # (keys, global shapes, dtypes, one chunk per layer, the `_extra_state` objects).
+    own = tmp_path / "own"
+    own.mkdir()
+    dist_checkpointing.save(model.sharded_state_dict(), str(own))
+    assert _layout(folder) == _layout(own)

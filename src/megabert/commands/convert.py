@@ -19,8 +19,9 @@ running any code from them; the output folder appears only when complete.
                A .nemo SRC is handed to `nemo`.
   nemo         NeMo MegatronBERT .nemo archive (tar or tar.gz) -> HF, with the
                tokenizer from the archive.
-  to-megatron  HF -> Megatron-LM legacy checkpoint split over TP x PP ranks, to go on
-               training in Megatron-LM.
+  to-megatron  HF -> Megatron-LM checkpoint, to go on training in Megatron-LM: legacy
+               (split over TP x PP ranks; the default) or --format torch_dist (one
+               distributed checkpoint that loads at any TP x PP).
 
 See docs/conversion.md."""
 
@@ -30,7 +31,8 @@ examples:
       --vocab-file vocab.txt --lowercase
   megabert convert megatron checkpoints/bert-run bert-hf      # torch_dist or legacy save folder
   megabert convert nemo megatron_bert.nemo bert-hf
-  megabert convert to-megatron bert-345m-uncased megatron-ckpt --tensor-parallel 2"""
+  megabert convert to-megatron bert-345m-uncased megatron-ckpt --tensor-parallel 2
+  megabert convert to-megatron bert-345m-uncased megatron-ckpt --format torch_dist"""
 
 MEGATRON_EPILOG = """\
 example:
@@ -39,13 +41,15 @@ example:
   megabert fill-mask bert-345m-uncased "The capital of France is [MASK]." """
 
 TO_MEGATRON_EPILOG = """\
-example:
+examples:
   megabert convert to-megatron bert-345m-uncased megatron-ckpt --tensor-parallel 2 --pipeline-parallel 2
-  # then in Megatron-LM: --load megatron-ckpt (a "release" checkpoint: iteration 0, no optimizer state)"""
+  megabert convert to-megatron bert-345m-uncased megatron-ckpt --format torch_dist
+  # then in Megatron-LM: --load megatron-ckpt (a "release" checkpoint: iteration 0, no optimizer state;
+  # torch_dist: with --ckpt-format torch_dist, at any --tensor/--pipeline-model-parallel-size)"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``convert`` subcommand with its ``megatron`` and ``to-megatron`` directions."""
+    """Add the ``convert`` subcommand with its ``megatron``, ``nemo`` and ``to-megatron`` directions."""
     parser = subparsers.add_parser(
         "convert",
         help="convert Megatron-LM (legacy, torch_dist) and NeMo BERT checkpoints to HF model folders, and back",
@@ -109,22 +113,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     to_mlm = directions.add_parser(
         "to-megatron",
-        help="HF model folder -> Megatron-LM legacy checkpoint (TP x PP shards)",
+        help="HF model folder -> Megatron-LM checkpoint (legacy TP x PP shards, or torch_dist)",
         description=(
-            "Write a Hugging Face MegatronBERT folder as a Megatron-LM legacy checkpoint: "
-            "latest_checkpointed_iteration.txt and release/ (or iter_N/) with one "
-            "mp_rank_XX[_YYY]/model_optim_rng.pt per rank."
+            "Write a Hugging Face MegatronBERT folder as a Megatron-LM checkpoint: "
+            "latest_checkpointed_iteration.txt and release/ (or iter_N/) holding, with --format legacy, "
+            "one mp_rank_XX[_YYY]/model_optim_rng.pt per rank, or with --format torch_dist, a "
+            "distributed checkpoint (__0_0.distcp, .metadata, common.pt, metadata.json) in Megatron Core's "
+            "BertModel layout, which Megatron-LM loads at any TP x PP."
         ),
         epilog=TO_MEGATRON_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     to_mlm.add_argument("hf_dir", metavar="HF_DIR", help="model folder (config.json + weights)")
     to_mlm.add_argument("out", metavar="OUT", help="output save folder (must not exist, see --overwrite)")
-    to_mlm.add_argument("--tensor-parallel", type=int, required=True, metavar="T", help="tensor-parallel degree")
-    to_mlm.add_argument("--pipeline-parallel", type=int, default=1, metavar="P", help="pipeline-parallel degree (default 1)")
+    to_mlm.add_argument(
+        "--format", dest="ckpt_format", choices=("legacy", "torch_dist"), default="legacy",
+        help="legacy (default): Megatron-LM's --ckpt-format torch, one file per TP x PP rank; torch_dist: "
+        "--ckpt-format torch_dist in Megatron Core's BertModel layout, one checkpoint for any TP x PP "
+        "(so no --tensor-parallel/--pipeline-parallel/--checkpoint-version), an untied output layer kept",
+    )  # fmt: skip
+    to_mlm.add_argument(
+        "--tensor-parallel", type=int, metavar="T", help="tensor-parallel degree (required with --format legacy)"
+    )
+    to_mlm.add_argument(
+        "--pipeline-parallel", type=int, metavar="P", help="pipeline-parallel degree (--format legacy; default 1)"
+    )
     to_mlm.add_argument(
         "--checkpoint-version", type=float, default=3.0, metavar="V",
-        help="0, 1, 2 or 3 (default 3): the fused-QKV layout and names (transformer/attention below 3)",
+        help="0, 1, 2 or 3 (default 3): the fused-QKV layout and names (transformer/attention below 3); "
+        "--format legacy only",
     )  # fmt: skip
     to_mlm.add_argument(
         "--iteration", type=int, metavar="N",
@@ -197,14 +214,26 @@ def run_nemo_to_hf(args: argparse.Namespace) -> int:
 def run_hf_to_megatron(args: argparse.Namespace) -> int:
     """HF -> Megatron-LM."""
     from megabert.convert.megatron_lm import convert_hf_to_megatron
+    from megabert.errors import UserError
 
+    ckpt_format = getattr(args, "ckpt_format", "legacy")
+    if ckpt_format == "legacy" and args.tensor_parallel is None:
+        raise UserError("--tensor-parallel T is required with --format legacy (the checkpoint is split over T ranks)")
+    if ckpt_format == "torch_dist" and (args.tensor_parallel, args.pipeline_parallel) != (None, None):
+        raise UserError(
+            "--format torch_dist takes no --tensor-parallel/--pipeline-parallel: a torch_dist checkpoint is not "
+            "split by rank, Megatron-LM loads it at any TP x PP"
+        )
+    if ckpt_format == "torch_dist" and args.checkpoint_version != 3.0:
+        raise UserError("--format torch_dist takes no --checkpoint-version: it is always Megatron Core's layout (3)")
     _refuse_existing(args.out, args.overwrite)
     _show_notes()
     out = convert_hf_to_megatron(
         args.hf_dir,
         args.out,
-        tensor_parallel=args.tensor_parallel,
-        pipeline_parallel=args.pipeline_parallel,
+        ckpt_format=ckpt_format,
+        tensor_parallel=1 if args.tensor_parallel is None else args.tensor_parallel,
+        pipeline_parallel=1 if args.pipeline_parallel is None else args.pipeline_parallel,
         checkpoint_version=args.checkpoint_version,
         iteration=args.iteration,
         tokenizer_type=args.tokenizer_type,

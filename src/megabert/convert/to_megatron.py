@@ -32,12 +32,15 @@ _BIAS = "cls.predictions.bias"
 _TOKEN_TYPES = "bert.embeddings.token_type_embeddings.weight"
 
 
-def normalise_hf_state(state: Mapping[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], bool]:
+def normalise_hf_state(
+    state: Mapping[str, torch.Tensor], where: str, *, keep_untied: bool = False
+) -> tuple[dict[str, torch.Tensor], bool]:
     """The HF tensors the legacy layout holds, under ``bert.``/``cls.`` names; and whether there is a binary head.
 
-    Drops aliases (the tied decoder weight and bias, position-id buffers). Refuses an output
-    layer not tied to the embeddings (legacy Megatron BERT always ties them) and a model
-    without the masked-LM head.
+    Drops aliases (the tied decoder weight and bias, position-id buffers). Refuses a model
+    without the masked-LM head, and an output layer not tied to the embeddings unless
+    ``keep_untied`` (legacy Megatron BERT always ties them; Megatron Core has
+    ``--untie-embeddings-and-output-weights``): it is then kept as ``cls.predictions.decoder.weight``.
     """
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -54,10 +57,18 @@ def normalise_hf_state(state: Mapping[str, torch.Tensor], where: str) -> tuple[d
     if _DECODER in out:
         decoder = out.pop(_DECODER)
         if _WORD in out and not torch.equal(decoder, out[_WORD]):
-            raise UserError(
-                f"{where}: the output layer ({_DECODER}) is not tied to the word embeddings; the legacy "
-                "Megatron BERT layout ties them, so this model cannot be written there"
-            )
+            if not keep_untied:
+                raise UserError(
+                    f"{where}: the output layer ({_DECODER}) is not tied to the word embeddings; the legacy "
+                    "Megatron BERT layout ties them, so this model cannot be written there "
+                    "(--format torch_dist can: Megatron Core has an untied output layer)"
+                )
+            out[_DECODER] = decoder
+    return _drop_stray_pooler(out, where)
+
+
+def _drop_stray_pooler(out: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """Check the masked-LM head is there; drop a pooler without NSP head (or the reverse); say if both are."""
     if "cls.predictions.transform.dense.weight" not in out:
         raise UserError(
             f"{where} has no masked-LM head (cls.predictions.*): Megatron BERT checkpoints always have one"
@@ -126,15 +137,20 @@ def _nest(flat: dict[str, torch.Tensor]) -> dict[str, Any]:
     return root
 
 
-def check_hf_shapes(state: Mapping[str, torch.Tensor], config: MegatronBertConfig, binary_head: bool, where: str) -> None:
-    """Every tensor the legacy layout needs is there with the shape ``config`` implies; nothing else is."""
+def check_hf_shapes(
+    state: Mapping[str, torch.Tensor], config: MegatronBertConfig, binary_head: bool, where: str, *, untied: bool = False
+) -> None:
+    """Every tensor the layout needs is there with the shape ``config`` implies; nothing else is.
+
+    ``untied``: the model has its own output layer (``cls.predictions.decoder.weight``).
+    """
     dims = {
         "H": config.hidden_size, "F": config.intermediate_size, "V": config.vocab_size,
         "P": config.max_position_embeddings, "T": config.type_vocab_size, "2": 2,
     }  # fmt: skip
     wanted: set[str] = set()
     for rule in LEGACY_RULES:
-        if rule.group == "output_weight" or (rule.group == "binary" and not binary_head):
+        if (rule.group == "output_weight" and not untied) or (rule.group == "binary" and not binary_head):
             continue
         symbols = (("H", "H") if len(rule.shape) == 2 else ("H",)) if rule.transform == "qkv" else rule.shape
         expected = [dims[s] for s in symbols]
