@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megabert.modeling import cpu_matmul
-from megabert.modeling.cpu_matmul import MIN_ROWS, linear, linear_module
+from megabert.fast_paths import half_matmul as cpu_matmul
+from megabert.fast_paths.half_matmul import MIN_ROWS, CpuLinear, linear
 
 
 def _operands(rows: int):
@@ -83,17 +83,18 @@ def test_auto_policy_measures_once(monkeypatch):
     assert cpu_matmul.upcast_is_faster(torch.float32) is False
 
 
-def test_linear_module_defers_to_modules_with_hooks(monkeypatch):
+def test_cpu_linear_runs_its_hooks(monkeypatch):
     monkeypatch.setenv(cpu_matmul.POLICY_ENV, "fp32")
     x, w, b = _operands(MIN_ROWS)
     module = torch.nn.Linear(64, 48).bfloat16()
+    module.__class__ = CpuLinear  # what apply_cpu_fast_paths does
     with torch.no_grad():
         module.weight.copy_(w)
         module.bias.copy_(b)
     with torch.no_grad():  # the inference path the policy serves (with grad, autograd's own product runs)
-        assert torch.equal(linear_module(module, x), linear(x, w, b))
+        assert torch.equal(module(x), linear(x, w, b))
     module.register_forward_hook(lambda m, args, out: out * 0)
-    assert torch.count_nonzero(linear_module(module, x)) == 0  # called as a module: the hook ran
+    assert torch.count_nonzero(module(x)) == 0  # called as a module: the hook ran
 
 
 def _fp32_layer(rows: int):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megabert.modeling.dropout import Dropout, dropout, keep_mask
+from megabert.fast_paths.dropout import Dropout, dropout, keep_mask
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from megabert.errors import UserError
+from megabert.fast_paths import CpuFastPaths
 
 MODEL_TYPE = "megatron-bert"
 CONFIG_NAME = "config.json"
@@ -34,7 +35,7 @@ ACTIVATION_NAMES = (
 )
 POSITION_EMBEDDING_TYPES = ("absolute", "relative_key", "relative_key_query")
 # Fields that choose how the model runs here, not what it is: kept out of config.json.
-RUNTIME_FIELDS = ("attn_implementation", "unpad_inputs")
+RUNTIME_FIELDS = ("attn_implementation", "unpad_inputs", "cpu_fast_paths")
 # Weight dtypes a config.json may record ("dtype" / "torch_dtype").
 SAVED_DTYPES = ("float32", "float16", "bfloat16", "float64")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
@@ -164,6 +165,10 @@ class MegatronBertConfig:
     # losses then equal the reference's. True / False: always / never (False: the reference's
     # values at every position). Not written to config.json.
     unpad_inputs: bool | None = None
+    # The CPU fast paths the model applies to itself when built (megabert.fast_paths): None or
+    # "auto" (all on), "off" (plain PyTorch modules), or a mapping such as
+    # {"half_matmul": "native", "fused_qkv": False}. Not written to config.json.
+    cpu_fast_paths: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -292,6 +297,7 @@ class MegatronBertConfig:
                 )
         if self.unpad_inputs not in (None, True, False):
             raise UserError(f"unpad_inputs must be True, False or None (auto), got {self.unpad_inputs!r}")
+        CpuFastPaths.parse(self.cpu_fast_paths)  # a UserError naming the bad value
         if self.attn_implementation not in (None, "sdpa", "eager"):
             raise UserError(
                 f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megabert.train.linear_cross_entropy import linear_cross_entropy
+from megabert.modeling.linear_cross_entropy import linear_cross_entropy
 
 
 def _inputs(rows=300, hidden=24, vocab=97, dtype=torch.float64, seed=0):
@@ -76,7 +76,7 @@ def test_bad_shapes_are_named():
 @pytest.mark.parametrize("with_loss", [True, False])
 def test_tied_lookup_and_decoder_share_one_gradient(with_loss):
     """Lookup + loss through one SharedWeightGradient == autograd's sum of the two; padding row excluded."""
-    from megabert.train.linear_cross_entropy import SharedWeightGradient, embedding_lookup
+    from megabert.modeling.linear_cross_entropy import SharedWeightGradient, embedding_lookup
 
     g = torch.Generator().manual_seed(4)
     weight = (torch.randn(50, 8, generator=g, dtype=torch.float64) * 0.5).requires_grad_()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from megabert.errors import UserError
+from megabert.fast_paths import apply_cpu_fast_paths
 
 # The MLM/causal-LM vocabulary projection (tied to the word embeddings in float32).
 OUTPUT_LAYER_NAMES = ("cls.predictions.decoder",)
@@ -71,16 +72,19 @@ def quantize_dynamic_int8(
     _ensure_quantized_engine()
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    target = model if inplace else copy.deepcopy(model)
+    # torch's quantizer swaps modules of exactly nn.Linear: the CPU fast paths' Linear subclass
+    # goes back to the plain class first (the int8 kernels are the fast path here).
+    apply_cpu_fast_paths(target, "off")
     skip = set() if quantize_output_layer else set(OUTPUT_LAYER_NAMES)
     # Name -> qconfig: one entry per Linear to quantize (names let us leave the output layer out).
     spec = {
         name: per_channel_dynamic_qconfig
-        for name, module in model.named_modules()
+        for name, module in target.named_modules()
         if isinstance(module, nn.Linear) and name not in skip
     }
     if not spec:
         raise UserError("the model has no Linear layers to quantize")
-    target = model if inplace else copy.deepcopy(model)
     target.eval()
     with warnings.catch_warnings():
         # torch.ao.quantization announces its move to torchao on every call; the API still works.
@@ -93,5 +97,5 @@ def count_quantized_linears(model: nn.Module) -> tuple[int, int]:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
     quantized = sum(isinstance(m, DynamicQuantizedLinear) for m in model.modules())
-    floating = sum(type(m) is nn.Linear for m in model.modules())
+    floating = sum(isinstance(m, nn.Linear) for m in model.modules())  # plain or CpuLinear
     return quantized, floating

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from megabert.modeling.dropout import dropout
 
 try:  # optional CUDA kernel for unpadded attention (`pip install flash-attn`)
     from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
@@ -84,11 +84,14 @@ def eager_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     additive_mask: torch.Tensor | None,
-    dropout_p: float,
+    dropout: Callable[[torch.Tensor], torch.Tensor],
     head_mask: torch.Tensor | None = None,
     score_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit attention; returns (context, weights).
+
+    ``dropout`` is applied to the weights (the block's attention-dropout module: an identity
+    in eval mode).
 
     query (batch, heads, q_len, head_dim); key/value (batch, heads, k_len, head_dim);
     score_bias (batch, heads, q_len, k_len) is added before scaling (relative positions);
@@ -103,7 +106,7 @@ def eager_attention(
     if additive_mask is not None:
         scores = scores + additive_mask
     weights = torch.softmax(scores, dim=-1)
-    weights = dropout(weights, dropout_p, training=dropout_p > 0)
+    weights = dropout(weights)
     if head_mask is not None:
         weights = weights * head_mask
     context = torch.matmul(weights, value)  # (batch, heads, q_len, head_dim)
@@ -117,22 +120,21 @@ def sdpa_attention(
     additive_mask: torch.Tensor | None,
     dropout_p: float,
 ) -> torch.Tensor:
-    """Fused attention on (batch, heads, seq, head_dim) tensors: torch's SDPA.
-
-    With dropout on CPU, SDPA falls back to its unfused math anyway and draws the dropout mask
-    one element at a time; the same math with :func:`~megabert.modeling.dropout.dropout`'s
-    cheaper mask runs instead (query and key of a plain tensor; torch.compile keeps SDPA).
-    """
+    """Fused attention on (batch, heads, seq, head_dim) tensors: torch's SDPA."""
     if additive_mask is not None and additive_mask.dtype != query.dtype:
         additive_mask = additive_mask.to(query.dtype)
-    if dropout_p > 0 and query.device.type == "cpu" and not hasattr(query, "placements"):
-        if not torch.compiler.is_compiling():
-            return eager_attention(query, key, value, additive_mask, dropout_p)[0]
     return F.scaled_dot_product_attention(query, key, value, attn_mask=additive_mask, dropout_p=dropout_p)
 
 
-def varlen_attention(qkv: torch.Tensor, plan: AttentionPlan, dropout_p: float) -> torch.Tensor:
+SdpaFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
+
+
+def varlen_attention(
+    qkv: torch.Tensor, plan: AttentionPlan, dropout_p: float, sdpa: SdpaFn = sdpa_attention
+) -> torch.Tensor:
     """Attention over packed sequences: qkv (total_tokens, 3, heads, dim) -> (total_tokens, heads, dim).
+
+    ``sdpa`` computes each run's attention (the block's own, so that its dropout is used).
 
     On CUDA with flash-attn installed (fp16/bf16) a varlen kernel runs on the packed tokens
     directly. Otherwise each run of equal-length sequences is a (sequences, length) block of
@@ -149,22 +151,22 @@ def varlen_attention(qkv: torch.Tensor, plan: AttentionPlan, dropout_p: float) -
         # backward of each slice would be a zero-filled gradient of the whole qkv.
         blocks = qkv.split([count * length for _, count, length in plan.runs])
         pieces = [
-            _run_attention(block, count, length, dropout_p).reshape(count * length, heads, dim)
+            _run_attention(block, count, length, dropout_p, sdpa).reshape(count * length, heads, dim)
             for block, (_, count, length) in zip(blocks, plan.runs)
         ]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
     if len(plan.runs) == 1:
         _, count, length = plan.runs[0]
-        return _run_attention(qkv, count, length, dropout_p).reshape(tokens, heads, dim)
+        return _run_attention(qkv, count, length, dropout_p, sdpa).reshape(tokens, heads, dim)
     out = qkv.new_empty(tokens, heads, dim)  # each run's context is copied straight into place
     for start, count, length in plan.runs:
         end = start + count * length
-        out[start:end].view(count, length, heads, dim).copy_(_run_attention(qkv[start:end], count, length, dropout_p))
+        out[start:end].view(count, length, heads, dim).copy_(_run_attention(qkv[start:end], count, length, dropout_p, sdpa))
     return out
 
 
-def _run_attention(block: torch.Tensor, count: int, length: int, dropout_p: float) -> torch.Tensor:
+def _run_attention(block: torch.Tensor, count: int, length: int, dropout_p: float, sdpa: SdpaFn) -> torch.Tensor:
     """(count * length, 3, heads, dim) packed tokens of equal-length sequences -> context (count, length, heads, dim)."""
     qkv = block.view(count, length, *block.shape[1:])
     query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (count, heads, length, dim)
-    return sdpa_attention(query, key, value, None, dropout_p).transpose(1, 2)
+    return sdpa(query, key, value, None, dropout_p).transpose(1, 2)

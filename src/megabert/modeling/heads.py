@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megabert import task_table
 from megabert.config import MegatronBertConfig
 from megabert.errors import UserError
-from megabert.modeling.cpu_matmul import linear_module
-from megabert.modeling.dropout import Dropout
-from megabert.modeling.inputs import check_label_shape, check_labels, check_tensor
+from megabert.modeling.inputs import check_id_range, check_label_shape, check_labels, check_tensor
 from megabert.modeling.layers import ACTIVATIONS
+from megabert.modeling.linear_cross_entropy import SharedWeightGradient, embedding_lookup, linear_cross_entropy
 from megabert.modeling.model import MegatronBertModel
 from megabert.modeling.outputs import (
     CausalLMOutputWithCrossAttentions,
@@ -33,6 +33,7 @@ from megabert.modeling.outputs import (
     MegatronBertForPreTrainingOutput,
     MultipleChoiceModelOutput,
     NextSentencePredictorOutput,
+    PreTrainingLossOutput,
     QuestionAnsweringModelOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
@@ -51,7 +52,7 @@ class MegatronBertPredictionHeadTransform(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.act(linear_module(self.dense, hidden_states)))
+        return self.LayerNorm(self.act(self.dense(hidden_states)))
 
 
 class MegatronBertLMPredictionHead(nn.Module):
@@ -79,7 +80,7 @@ class MegatronBertLMPredictionHead(nn.Module):
         self.bias = decoder.bias
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return linear_module(self.decoder, self.transform(hidden_states))  # (..., vocab)
+        return self.decoder(self.transform(hidden_states))  # (..., vocab)
 
 
 class MegatronBertOnlyMLMHead(nn.Module):
@@ -143,6 +144,16 @@ def _mlm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> to
     return F.cross_entropy(logits.reshape(-1, vocab_size).float(), labels.reshape(-1))
 
 
+def _whole_weight(module: nn.Module, kind: type) -> bool:
+    """A module of ``kind`` whose weight can be used directly (not sharded, no tensor-parallel hooks)."""
+    return (
+        isinstance(module, kind)
+        and not hasattr(module.weight, "placements")
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
+
+
 # -------------------------------------------------------------------------- models
 class MegatronBertForPreTraining(MegatronBertPreTrainedModel):
     """MLM + NSP heads, as in pretraining. ``add_binary_head=False``: MLM head only."""
@@ -192,6 +203,65 @@ class MegatronBertForPreTraining(MegatronBertPreTrainedModel):
                 )  # fmt: skip
                 loss = loss + F.cross_entropy(relationship.reshape(-1, 2).float(), next_sentence_label.reshape(-1))
         return _finish(MegatronBertForPreTrainingOutput, return_dict, loss, (prediction_scores, relationship), outputs)
+
+    def pretraining_loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+    ) -> PreTrainingLossOutput:
+        """The loss of :meth:`forward` with labels, computed only where there are labels.
+
+        ``forward`` builds the vocabulary logits of every position (batch x seq x vocab) and
+        then ignores all but the masked ~15%. Here the MLM head runs on the labelled positions
+        only, and with a plain decoder the cross-entropy goes through
+        :func:`~megabert.modeling.linear_cross_entropy.linear_cross_entropy`, which never holds
+        all their logits at once; when the decoder is tied to the word embeddings, the lookup
+        and the loss share one gradient tensor. A sharded decoder (tensor parallel) runs as a
+        module. ``next_sentence_label`` adds the NSP/SOP loss (the model needs its binary head).
+        The loss equals ``forward(...).loss`` up to float rounding; with nothing labelled the
+        MLM loss is a zero that keeps the graph connected.
+        """
+        if next_sentence_label is not None and not self.add_binary_head:
+            raise UserError("next_sentence_label was given but the model has no binary (NSP/SOP) head")
+        decoder = self.cls.predictions.decoder
+        embedding = self.bert.get_input_embeddings()
+        fused = _whole_weight(decoder, nn.Linear)
+        shared = inputs_embeds = None
+        if (
+            fused
+            and torch.is_grad_enabled()
+            and decoder.weight.requires_grad
+            and decoder.weight is embedding.weight
+            and _whole_weight(embedding, nn.Embedding)
+        ):
+            check_id_range("input_ids", input_ids, 0, embedding.num_embeddings, "token id", "the vocabulary")
+            shared = SharedWeightGradient()
+            inputs_embeds = embedding_lookup(input_ids, embedding.weight, embedding.padding_idx, shared)  # (B, T, H)
+        out = self.bert(
+            input_ids=input_ids if inputs_embeds is None else None, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, inputs_embeds=inputs_embeds, return_dict=True,
+        )
+        where = labels != -100  # (B, T)
+        hidden = self.cls.predictions.transform(out.last_hidden_state[where])  # (M, H): the predicted positions
+        targets = labels[where]  # (M,)
+        count = targets.numel()
+        if count == 0:  # a zero that keeps the head's parameters in the graph
+            mlm_loss, correct = decoder(hidden).sum() * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device)
+        elif fused:
+            result = linear_cross_entropy(hidden, decoder.weight, decoder.bias, targets, shared=shared)
+            mlm_loss, correct = result.loss, result.correct
+        else:
+            logits = decoder(hidden).float()  # (M, V); the loss needs fp32 anyway
+            mlm_loss, correct = F.cross_entropy(logits, targets), (logits.detach().argmax(-1) == targets).sum()
+        result = PreTrainingLossOutput(loss=mlm_loss, mlm_loss=mlm_loss, mlm_correct=correct, mlm_count=count)
+        if next_sentence_label is not None:
+            result.binary_logits = self.cls.seq_relationship(out.pooler_output).float()  # (B, 2)
+            result.binary_loss = F.cross_entropy(result.binary_logits, next_sentence_label)
+            result.loss = mlm_loss + result.binary_loss
+        return result
 
 
 class MegatronBertForMaskedLM(MegatronBertPreTrainedModel):
@@ -367,7 +437,7 @@ class MegatronBertForSequenceClassification(MegatronBertPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = MegatronBertModel(config)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -430,7 +500,7 @@ class MegatronBertForMultipleChoice(MegatronBertPreTrainedModel):
     def __init__(self, config: MegatronBertConfig) -> None:
         super().__init__(config)
         self.bert = MegatronBertModel(config)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
@@ -490,7 +560,7 @@ class MegatronBertForTokenClassification(MegatronBertPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.bert = MegatronBertModel(config, add_pooling_layer=False)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -588,40 +658,39 @@ class MegatronBertForQuestionAnswering(MegatronBertPreTrainedModel):
 
 
 # ------------------------------------------------------------------ by task name
-MODEL_CLASSES: dict[str, type[MegatronBertPreTrainedModel]] = {
-    "base": MegatronBertModel,
-    "pretraining": MegatronBertForPreTraining,
-    "masked-lm": MegatronBertForMaskedLM,
-    "causal-lm": MegatronBertForCausalLM,
-    "next-sentence": MegatronBertForNextSentencePrediction,
-    "sequence-classification": MegatronBertForSequenceClassification,
-    "multiple-choice": MegatronBertForMultipleChoice,
-    "token-classification": MegatronBertForTokenClassification,
-    "question-answering": MegatronBertForQuestionAnswering,
+# The model classes of megabert.task_table's tasks, keyed by canonical task name (a view of the table).
+_CLASSES: dict[str, type[MegatronBertPreTrainedModel]] = {
+    cls.__name__: cls
+    for cls in (
+        MegatronBertModel,
+        MegatronBertForPreTraining,
+        MegatronBertForMaskedLM,
+        MegatronBertForCausalLM,
+        MegatronBertForNextSentencePrediction,
+        MegatronBertForSequenceClassification,
+        MegatronBertForMultipleChoice,
+        MegatronBertForTokenClassification,
+        MegatronBertForQuestionAnswering,
+    )
 }
-_BY_CLASS_NAME = {cls.__name__: cls for cls in MODEL_CLASSES.values()}
+if set(_CLASSES) != {task.model_class for task in task_table.TASKS}:
+    raise RuntimeError("megabert.task_table names other model classes than megabert.modeling.heads defines")
+MODEL_CLASSES: dict[str, type[MegatronBertPreTrainedModel]] = {
+    task.name: _CLASSES[task.model_class] for task in task_table.TASKS
+}
 
 
 def model_class_for(name: str) -> type[MegatronBertPreTrainedModel]:
-    """A model class by task name ("masked-lm", ...) or class name ("MegatronBertForMaskedLM")."""
-    if name in MODEL_CLASSES:
-        return MODEL_CLASSES[name]
-    if name in _BY_CLASS_NAME:
-        return _BY_CLASS_NAME[name]
-    raise ValueError(f"unknown model task {name!r}; choose one of {', '.join(MODEL_CLASSES)}")
+    """A model class by task name ("masked-lm", ...) or class name ("MegatronBertForMaskedLM").
+
+    An unknown name is a UserError (a ValueError) listing the task names.
+    """
+    task = task_table.task_of_class(name) if isinstance(name, str) else None
+    if task is None:
+        task = task_table.resolve_task(name, task_table.MODEL)
+    return MODEL_CLASSES[task.name]
 
 
 def heads_in_checkpoint(keys: set[str]) -> list[str]:
-    """Which heads a checkpoint's weight names carry (for `megabert info`)."""
-    heads = []
-    if any(k.startswith("cls.predictions.") for k in keys):
-        heads.append("masked-lm")
-    if any(k.startswith("cls.seq_relationship.") for k in keys):
-        heads.append("next-sentence")
-    if any(k.startswith("classifier.") for k in keys):
-        heads.append("classifier")
-    if any(k.startswith("qa_outputs.") for k in keys):
-        heads.append("question-answering")
-    if any(k.startswith(("pooler.", "bert.pooler.")) for k in keys):
-        heads.append("pooler")
-    return heads
+    """Which heads a checkpoint's weight names carry (for `megabert info`): names of task_table.HEADS."""
+    return [head for head, prefixes in task_table.HEADS.items() if any(k.startswith(prefixes) for k in keys)]

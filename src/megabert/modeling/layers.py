@@ -14,13 +14,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from megabert.config import MegatronBertConfig
 from megabert.errors import UserError
 from megabert.modeling.attention import AttentionPlan, eager_attention, sdpa_attention, varlen_attention
-from megabert.modeling.cpu_matmul import linear, linear_module
-from megabert.modeling.dropout import Dropout
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -48,17 +45,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
 }
 
-# Counts optimizer steps in this process. Fused optimizer kernels update weights in place
-# without bumping their version counters, so the fused-QKV cache also keys on this count.
-_OPTIMIZER_STEPS = [0]
-
-
-def _count_optimizer_step(*_: object) -> None:
-    _OPTIMIZER_STEPS[0] += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
 # One cached key/value pair per attention block: (batch, heads, seq, head_dim) each.
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
@@ -74,7 +60,7 @@ class MegatronBertEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.use_absolute_positions = config.position_embedding_type == "absolute"
 
     def forward(
@@ -106,45 +92,16 @@ class MegatronBertSelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, inner)
         self.key = nn.Linear(config.hidden_size, inner)
         self.value = nn.Linear(config.hidden_size, inner)
-        self.dropout_p = config.attention_probs_dropout_prob
+        self.attention_dropout = nn.Dropout(config.attention_probs_dropout_prob)  # on the attention weights
         self.position_embedding_type = config.position_embedding_type
         self.max_position_embeddings = config.max_position_embeddings
         if self.position_embedding_type != "absolute":
             self.distance_embedding = nn.Embedding(2 * config.max_position_embeddings - 1, self.head_dim)
         self.is_decoder = config.is_decoder
 
-    def _fused_qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Q, K and V stacked into one (3 * inner, hidden) weight: one GEMM instead of three.
-
-        Only for plain tensors: not DTensor shards (their concatenation would gather them, and
-        a tensor-parallel plan's hooks live on the three Linears), nor int8-quantized Linears
-        (whose packed weight is a method). With autograd the concatenation is part of the graph;
-        without it the result is cached until a weight changes (tensor version).
-        """
-        weights = (self.query.weight, self.key.weight, self.value.weight)
-        biases = (self.query.bias, self.key.bias, self.value.bias)
-        if any(not isinstance(w, torch.Tensor) or hasattr(w, "placements") for w in weights):
-            return None
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return torch.cat(weights), torch.cat(biases)
-        stamp = (_OPTIMIZER_STEPS[0],) + tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in weights + biases
-        )
-        cached = self.__dict__.get("_qkv_cache")
-        if cached is None or cached[0] != stamp:
-            # Built outside inference mode so the cache stays usable by later no_grad calls.
-            with torch.inference_mode(False), torch.no_grad():
-                fused = (torch.cat(weights), torch.cat(biases))
-            self.__dict__["_qkv_cache"] = cached = (stamp, fused)
-        return cached[1]
-
     def _project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(..., hidden) -> (..., 3, heads, dim): queries, keys and values side by side."""
-        fused = self._fused_qkv_weights()
-        if fused is None:
-            qkv = torch.cat([self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)], dim=-1)
-        else:
-            qkv = linear(hidden_states, *fused)
+        qkv = torch.cat([self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)], dim=-1)
         return qkv.view(*qkv.shape[:-1], 3, -1, self.head_dim)
 
     def _mask_of_kept_heads(self, head_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -177,8 +134,6 @@ class MegatronBertSelfAttention(nn.Module):
         self.value = keep_features(self.value, features, dim=0)
         self.kept_heads = tuple(self.kept_heads[i] for i in keep)
         self.num_heads = len(keep)
-        # The fused QKV weight is of the old projections: rebuild it on next use.
-        self.__dict__.pop("_qkv_cache", None)
         return features
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,12 +169,11 @@ class MegatronBertSelfAttention(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, KeyValue | None]:
         """Returns (context, attention weights or None, this block's key/value for the cache or None)."""
-        dropout_p = self.dropout_p if self.training else 0.0
         head_mask = self._mask_of_kept_heads(head_mask)
 
         if plan.mode == "varlen":
             # packed (tokens, hidden) -> (tokens, 3, heads, dim) -> context (tokens, heads, dim)
-            context = varlen_attention(self._project_qkv(hidden_states), plan, dropout_p)
+            context = varlen_attention(self._project_qkv(hidden_states), plan, self._dropout_p(), self._sdpa)
             return context.reshape(hidden_states.shape[0], -1), None, None
 
         is_cross = encoder_hidden_states is not None
@@ -256,20 +210,43 @@ class MegatronBertSelfAttention(nn.Module):
         cached: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, KeyValue | None]:
         """Padded attention on (batch, heads, seq, dim); returns (batch, seq, hidden) context."""
-        dropout_p = self.dropout_p if self.training else 0.0
         weights = None
         if plan.mode == "eager":
             score_bias = None
             if self.position_embedding_type != "absolute":
                 score_bias = self._relative_scores(query, key, cached=cached)
-            context, weights = eager_attention(
-                query, key, value, plan.additive_mask, dropout_p, head_mask, score_bias
-            )
+            context, weights = self._eager(query, key, value, plan.additive_mask, head_mask, score_bias)
         else:
-            context = sdpa_attention(query, key, value, plan.additive_mask, dropout_p)
+            context = self._sdpa(query, key, value, plan.additive_mask, self._dropout_p())
         # (batch, heads, seq, dim) -> (batch, seq, heads * dim)
         context = context.transpose(1, 2).reshape(*context.shape[:1], context.shape[2], -1)
         return context, (weights if output_attentions else None), present
+
+    def _dropout_p(self) -> float:
+        return self.attention_dropout.p if self.training else 0.0
+
+    def _eager(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        additive_mask: torch.Tensor | None,
+        head_mask: torch.Tensor | None = None,
+        score_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Explicit attention with this block's dropout on the weights: (context, weights)."""
+        return eager_attention(query, key, value, additive_mask, self.attention_dropout, head_mask, score_bias)
+
+    def _sdpa(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        additive_mask: torch.Tensor | None,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        """Fused attention (torch's SDPA) on (batch, heads, seq, dim): the context."""
+        return sdpa_attention(query, key, value, additive_mask, dropout_p)
 
 
 def keep_features(layer: nn.Linear, index: list[int], dim: int) -> nn.Linear:
@@ -297,10 +274,10 @@ class ResidualProjection(nn.Module):
     def __init__(self, in_features: int, config: MegatronBertConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return residual + self.dropout(linear_module(self.dense, hidden_states))
+        return residual + self.dropout(self.dense(hidden_states))
 
 
 class MegatronBertAttention(nn.Module):
@@ -353,7 +330,7 @@ class MegatronBertIntermediate(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.act(linear_module(self.dense, hidden_states))
+        return self.act(self.dense(hidden_states))
 
 
 class MegatronBertLayer(nn.Module):

@@ -83,6 +83,18 @@ class MegatronBertForPreTrainingOutput(ModelOutput):
 
 
 @dataclass
+class PreTrainingLossOutput:
+    """What :meth:`MegatronBertForPreTraining.pretraining_loss` returns: the losses and the counts behind their metrics."""
+
+    loss: Tensor  # () MLM loss (+ the binary loss when next_sentence_label was given), differentiable
+    mlm_loss: Tensor  # () mean cross-entropy over the predicted positions
+    mlm_correct: Tensor  # () int64: predicted positions whose argmax is the label
+    mlm_count: int  # predicted positions (labels != -100)
+    binary_loss: Tensor | None = None  # () NSP/SOP cross-entropy
+    binary_logits: Tensor | None = None  # (batch, 2) fp32
+
+
+@dataclass
 class CausalLMOutputWithCrossAttentions(ModelOutput):
     loss: Tensor | None = None
     logits: Tensor | None = None

@@ -3,7 +3,7 @@
 A model folder holds ``config.json`` and the weights as ``model.safetensors`` (or shards
 ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``); reading also
 accepts ``pytorch_model.bin`` and its sharded index. Pickled ``.bin`` files are read with
-the restricted unpickler of :mod:`megabert.convert.safe_pickle`, which refuses to run code
+the restricted unpickler of :mod:`megabert.safe_pickle`, which refuses to run code
 stored in the file.
 
 Every reader of a model folder (``from_pretrained``, ``megabert info``, ``convert
@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +31,9 @@ from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
 from megabert.config import MegatronBertConfig, check_pruned_heads
+from megabert.devices import resolve_dtype
 from megabert.errors import UserError
+from megabert.fast_paths import apply_cpu_fast_paths
 from megabert.utils import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -65,18 +68,6 @@ def _parse_size(size: int | str) -> int:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * factor)
     return int(text)
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None, config: MegatronBertConfig) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        dtype = config.torch_dtype or "float32"
-    name = str(dtype).replace("torch.", "")
-    resolved = getattr(torch, name, None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype (e.g. float32, bfloat16, float16)")
-    return resolved
 
 
 # safetensors' reasons, in words (the library's own text is kept in parentheses).
@@ -186,7 +177,7 @@ def read_state_dict(folder: str | os.PathLike, check_finite: bool = True) -> dic
     """All tensors of a model folder, from whichever weight files it has, checked.
 
     A damaged or truncated file, a shard outside the folder, a pickle that is refused (see
-    :mod:`megabert.convert.safe_pickle`) and, unless ``check_finite=False``, a tensor holding
+    :mod:`megabert.safe_pickle`) and, unless ``check_finite=False``, a tensor holding
     NaN or inf raise :class:`CheckpointError` naming the file (and the tensor).
     """
     kind, files = weight_files(folder)
@@ -222,10 +213,10 @@ def read_tensor_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict, loaded without running any code the file may carry.
 
-    The same restricted unpickler as the Megatron converter's (:func:`~megabert.convert.safe_pickle.safe_load`):
+    The same restricted unpickler as the Megatron converter's (:func:`~megabert.safe_pickle.safe_load`):
     its error says in plain words what was refused and why.
     """
-    from megabert.convert.safe_pickle import safe_load
+    from megabert.safe_pickle import safe_load
 
     try:
         state = safe_load(path)
@@ -274,6 +265,42 @@ def _resized_rows(old: torch.Tensor, size: int, mean_resizing: bool, std: float)
     return nn.Parameter(new, requires_grad=old.requires_grad)
 
 
+@dataclass
+class LoadReport:
+    """What :meth:`MegatronBertPreTrainedModel.load_checkpoint_state` found: keys the model had to
+    initialise itself (``missing_keys``) and checkpoint keys it did not use (``unexpected_keys``)."""
+
+    model_name: str
+    source: str
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+    def missing_message(self) -> str | None:
+        if not self.missing_keys:
+            return None
+        missing = self.missing_keys
+        return (
+            f"{self.model_name}: weights not in {self.source} were newly initialised: "
+            + ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+            + ". Train the model before using it for predictions."
+        )
+
+    def unexpected_message(self) -> str | None:
+        if not self.unexpected_keys:
+            return None
+        unexpected = self.unexpected_keys
+        return (
+            f"{self.model_name}: {len(unexpected)} weights in {self.source} were not used: "
+            + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
+        )
+
+    def warn(self, stacklevel: int = 2) -> None:
+        """Issue both messages as warnings (those that apply)."""
+        for message in (self.missing_message(), self.unexpected_message()):
+            if message is not None:
+                warnings.warn(message, stacklevel=stacklevel + 1)
+
+
 class MegatronBertPreTrainedModel(nn.Module):
     """Base of every MegatronBERT model: config, weight init, tying, checkpoint I/O."""
 
@@ -306,8 +333,9 @@ class MegatronBertPreTrainedModel(nn.Module):
         self.tie_weights()
 
     def post_init(self) -> None:
-        """Called at the end of every model's __init__: initialise and tie."""
+        """Called at the end of every model's __init__: initialise, tie, and apply ``config.cpu_fast_paths``."""
         self.init_weights()
+        apply_cpu_fast_paths(self, self.config.cpu_fast_paths)
 
     def _base_model(self) -> nn.Module:
         """The bare encoder: ``self.bert`` in the head models, the model itself in MegatronBertModel."""
@@ -445,6 +473,7 @@ class MegatronBertPreTrainedModel(nn.Module):
             layers[layer].attention.prune_heads(heads)
             pruned = set(self.config.pruned_heads.get(layer, [])) | set(heads)
             self.config.pruned_heads[layer] = sorted(pruned)
+        apply_cpu_fast_paths(self, self.config.cpu_fast_paths)  # to the Linears pruning made
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each layer's activations in backward (less memory, same gradients)."""
@@ -471,10 +500,12 @@ class MegatronBertPreTrainedModel(nn.Module):
         device: torch.device | str | None = None,
         attn_implementation: str | None = None,
         unpad_inputs: bool | None = None,
+        cpu_fast_paths: Any = None,
         config: MegatronBertConfig | None = None,
         check_finite: bool = True,
+        output_loading_info: bool = False,
         **config_overrides: Any,
-    ) -> ModelT:
+    ) -> ModelT | tuple[ModelT, dict[str, list[str]]]:
         """Load a model folder written by megabert or `transformers`.
 
         ``dtype``: e.g. ``torch.bfloat16`` or ``"auto"`` (the dtype the folder records);
@@ -483,10 +514,15 @@ class MegatronBertPreTrainedModel(nn.Module):
         then zeros). The default (None) does so in eval mode, the mode ``from_pretrained``
         returns, and runs padded in training mode; ``True``: always; ``False``: never, which
         gives the reference's values at every position, pads included.
+        ``cpu_fast_paths``: "auto" (default), "off" or a mapping of options
+        (:class:`megabert.fast_paths.CpuFastPaths`): faster CPU modules, same weights.
         ``check_finite``: refuse weights holding NaN or inf (a :class:`CheckpointError` naming
         the tensor); ``False`` loads them as they are.
         Any other keyword overrides a config field (e.g. ``num_labels=3``). Weights of a head
-        the checkpoint lacks are initialised and named in a warning.
+        the checkpoint lacks are initialised and named in a warning. ``output_loading_info``:
+        return ``(model, info)`` as `transformers` does, ``info`` holding ``missing_keys``,
+        ``unexpected_keys``, ``mismatched_keys`` and ``error_msgs``; the caller then decides
+        what to say about them (no warning is issued).
         """
         if "torch_dtype" in config_overrides:
             dtype = config_overrides.pop("torch_dtype")
@@ -499,20 +535,26 @@ class MegatronBertPreTrainedModel(nn.Module):
             config_overrides["attn_implementation"] = attn_implementation
         if unpad_inputs is not None:
             config_overrides["unpad_inputs"] = unpad_inputs
+        if cpu_fast_paths is not None:
+            config_overrides["cpu_fast_paths"] = cpu_fast_paths
         if config is None:
             config = MegatronBertConfig.from_pretrained(folder, **config_overrides)
         elif config_overrides:
             config = config.copy(**config_overrides)
-        torch_dtype = _resolve_dtype(dtype, config)
+        torch_dtype = resolve_dtype(dtype, recorded=config.torch_dtype or "")
         state = read_state_dict(folder, check_finite=check_finite)
 
         model = cls(config)
-        model.load_checkpoint_state(state, source=str(folder))
+        report = model.load_checkpoint_state(state, source=str(folder), warn=not output_loading_info)
         if torch_dtype is not None:
             model = model.to(torch_dtype)
         if device is not None:
             model = model.to(device)
         model.eval()
+        if output_loading_info:
+            info = {"missing_keys": report.missing_keys, "unexpected_keys": report.unexpected_keys,
+                    "mismatched_keys": [], "error_msgs": []}  # shape mismatches are a CheckpointError here
+            return model, info
         return model
 
     def _adapt_prefix(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -528,8 +570,10 @@ class MegatronBertPreTrainedModel(nn.Module):
         return state
 
     @torch.no_grad()
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-        """Copy ``state`` into the model, checking shapes; warn about missing and unexpected keys."""
+    def load_checkpoint_state(
+        self, state: dict[str, torch.Tensor], source: str = "checkpoint", warn: bool = True
+    ) -> "LoadReport":
+        """Copy ``state`` into the model, checking shapes; report (and unless ``warn=False``, warn about) missing and unexpected keys."""
         state = self._adapt_prefix(state)
         own = self.state_dict()
         problems = []
@@ -556,19 +600,10 @@ class MegatronBertPreTrainedModel(nn.Module):
             loadable["cls.predictions.bias"] = loadable.pop("cls.predictions.decoder.bias")
         self.load_state_dict(loadable, strict=False)
         self.tie_weights()
-        if missing:
-            warnings.warn(
-                f"{type(self).__name__}: weights not in {source} were newly initialised: "
-                + ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
-                + ". Train the model before using it for predictions.",
-                stacklevel=3,
-            )
-        if unexpected:
-            warnings.warn(
-                f"{type(self).__name__}: {len(unexpected)} weights in {source} were not used: "
-                + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""),
-                stacklevel=3,
-            )
+        report = LoadReport(type(self).__name__, source, missing, unexpected)
+        if warn:
+            report.warn(stacklevel=4)
+        return report
 
     # ------------------------------------------------------------- saving
     def _unique_state_dict(self) -> dict[str, torch.Tensor]:

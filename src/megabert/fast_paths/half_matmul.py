@@ -20,8 +20,10 @@ and backward run in fp32 against the fp32 weight. Products that autograd records
 half-precision model, under torch.compile or ONNX export, and tensor-parallel shards, are left
 alone.
 
-``MEGABERT_CPU_HALF_MATMUL=native`` always uses the half-precision kernels, ``fp32`` always
-upcasts (above MIN_ROWS), ``auto`` (default) measures.
+The policy: ``native`` always uses the half-precision kernels, ``fp32`` always upcasts (above
+MIN_ROWS), ``auto`` (default) measures. It comes from :class:`~megabert.fast_paths.CpuFastPaths`
+(``config.cpu_fast_paths``); under ``auto`` the environment variable
+``MEGABERT_CPU_HALF_MATMUL`` (same three values) decides for the whole process.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ _HALF = (torch.bfloat16, torch.float16)
 _decisions: dict[torch.dtype, bool] = {}
 
 
-def _policy() -> str:
+def _policy(declared: str | None = None) -> str:
+    """The policy in force: a declared ``native``/``fp32`` wins; under ``auto`` the environment's."""
+    if declared not in (None, "auto"):
+        return declared
     value = os.environ.get(POLICY_ENV, "auto").strip().lower() or "auto"
     if value not in POLICIES:
         raise ValueError(f"{POLICY_ENV}={value!r}: choose one of {', '.join(POLICIES)}")
@@ -61,11 +66,11 @@ def _seconds_per_product(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> 
     return best
 
 
-def upcast_is_faster(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies ``dtype`` matrices more slowly than fp32 ones (measured once, cached)."""
+def upcast_is_faster(dtype: torch.dtype, policy: str | None = None) -> bool:
+    """Whether ``dtype`` products should run in fp32 here: by ``policy``, or measured once and cached (``auto``)."""
     if dtype not in _HALF:
         return False
-    policy = _policy()
+    policy = _policy(policy)
     if policy != "auto":
         return policy == "fp32"
     if dtype not in _decisions:
@@ -79,7 +84,9 @@ def upcast_is_faster(dtype: torch.dtype) -> bool:
     return _decisions[dtype]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, policy: str | None = None
+) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, in fp32 for large half-precision CPU products where that is faster."""
     if _large_plain_cpu_product(x, weight):
         if torch.is_autocast_enabled("cpu"):
@@ -89,14 +96,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 dtype in _HALF
                 and x.dtype in (torch.float32, dtype)
                 and _all_dtype(torch.float32, weight, bias)
-                and upcast_is_faster(dtype)
+                and upcast_is_faster(dtype, policy)
             ):
                 return _AutocastLinearInFp32.apply(x, weight, bias, dtype)
         elif (
             x.dtype in _HALF
             and _all_dtype(x.dtype, weight, bias)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and upcast_is_faster(x.dtype)
+            and upcast_is_faster(x.dtype, policy)
         ):  # a half-precision model, product not recorded by autograd (inference)
             return _upcast_linear(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -174,12 +181,14 @@ def _upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.view(*x.shape[:-1], n)
 
 
-def linear_module(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for an ``nn.Linear``, through :func:`linear` when it is a plain one.
+class CpuLinear(torch.nn.Linear):
+    """An ``nn.Linear`` whose products go through :func:`linear` (same parameters, same state dict).
 
-    Any other module (an int8 quantized Linear, a Linear with tensor-parallel hooks) is called
-    as it is.
+    :func:`~megabert.fast_paths.apply_cpu_fast_paths` turns a model's ``nn.Linear`` modules into
+    this class in place; ``half_matmul`` is the policy it was given.
     """
-    if type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks:
-        return linear(x, module.weight, module.bias)
-    return module(x)
+
+    half_matmul: str = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.half_matmul)

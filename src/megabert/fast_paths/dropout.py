@@ -1,9 +1,9 @@
 """Dropout with a cheaper random mask on CPU.
 
 On CPU, ``torch.nn.functional.dropout`` draws one Bernoulli sample per element with a scalar
-loop (about 12-15 ns an element on the 2-core machines this project is measured on), a tenth
-of a pretraining step. Here the mask comes from 64-bit words of numpy's SFC64 generator cut
-into four 16-bit lanes (about 1.2 ns an element, the comparison included): an element is kept
+loop, a noticeable share of a pretraining step. Here the mask comes from 64-bit words of
+numpy's SFC64 generator cut into four 16-bit lanes, about ten times cheaper an element (the
+figures: docs/measurements.md): an element is kept
 when its lane is at or above ``round(p * 65536)`` of the 65536 lane values, so the drop
 probability is ``p`` rounded to a multiple of 1/65536 (0.1 becomes 0.1000061). Each mask's
 SFC64 seed is drawn from torch's default CPU generator, so ``torch.manual_seed`` and the RNG

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megabert.modeling.cpu_matmul import upcast_is_faster
+from megabert.fast_paths import upcast_is_faster
 
 # Elements per chunk of logits: 4M fp32 = 16 MB (137 rows of a 30k vocabulary), small enough
 # for glibc's allocator to hand back the same memory chunk after chunk (it maps blocks over
@@ -93,7 +93,7 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         # On a CPU whose half-precision GEMMs are slower than fp32 ones, the products stay fp32
-        # (as megabert.modeling.cpu_matmul does for the layers' products under autocast).
+        # (as megabert.fast_paths.half_matmul does for the layers' products under autocast).
         return torch.float32 if device == "cpu" and upcast_is_faster(dtype) else dtype
     return hidden.dtype
 
