@@ -1165,3 +1165,38 @@ def train_tokenizer_from_iterator(
     if output_dir is not None:
         tokenizer.save_pretrained(output_dir)
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
+def load_tokenizer(
+    spec: Any = None, model_folder: str | os.PathLike | None = None, option: str = "--tokenizer"
+) -> Any:
+    """The tokenizer a command, job or pipeline was given, with one-line errors.
+
+    ``spec``: a tokenizer object (returned as is), or a tokenizer folder / ``vocab.txt``; when
+    None, the tokenizer saved in ``model_folder``. ``option`` names the setting in messages.
+    """
+    if spec is not None and not isinstance(spec, (str, os.PathLike)):
+        return spec
+    if spec is not None:
+        path = Path(spec)
+        if not path.exists():
+            raise UserError(
+                f"{option} {path}: no such folder or file (expected a folder with tokenizer.json or vocab.txt, "
+                "or a vocab.txt; train one with `megabert train-tokenizer`)"
+            )
+    elif model_folder is not None:
+        path = Path(model_folder)
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(
+                f"model folder {path} has no tokenizer files (tokenizer.json or vocab.txt); "
+                f"save the tokenizer into it or pass a tokenizer ({option} DIR)"
+            )
+    else:
+        raise UserError("a model object was given without a tokenizer: pass tokenizer=...")
+    try:
+        return MegatronBertTokenizer.from_pretrained(path)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read the tokenizer in {path}: {exc}") from None

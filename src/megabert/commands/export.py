@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from megabert import task_table
+
 DESCRIPTION = """\
 Export a model folder to ONNX for onnxruntime, TensorRT and other runtimes.
 
@@ -27,18 +29,15 @@ example:
       print([i.name for i in s.get_inputs()], [o.name for o in s.get_outputs()])"
 """
 
-# The same as megabert.inference.export.TASK_CHOICES, spelled out so that `megabert --help`
-# does not import torch (tests/test_export.py checks that the two agree).
+# The same as megabert.inference.export.TASK_CHOICES, built here from the task table (which
+# imports no torch) so that `megabert --help` stays fast (tests/test_export.py checks that the two agree).
 TASK_CHOICES = (
-    "auto", "fill-mask", "base", "masked-lm", "pretraining", "next-sentence", "sequence-classification",
-    "token-classification", "question-answering", "multiple-choice",
+    "auto", *task_table.aliases(task_table.EXPORT_OPTION), *task_table.names(task_table.EXPORT_OPTION),
 )
-TASK_HELP = (
-    "which model to export: auto (the class named in config.json; default), fill-mask / masked-lm, base, "
-    "pretraining, next-sentence, sequence-classification, token-classification, question-answering, "
-    "multiple-choice"
+TASK_HELP = "which model to export: auto (the class named in config.json; default), " + ", ".join(
+    " / ".join((*task.alias_names(task_table.EXPORT_OPTION), task.name))
+    for task in task_table.tasks(task_table.EXPORT_OPTION)
 )
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``export`` subcommand and its ``onnx`` format."""

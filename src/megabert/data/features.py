@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from megabert import task_table
 from megabert.data.tasks import (
     ChoiceExample,
     QAExample,
@@ -568,6 +569,7 @@ ENCODERS: dict[str, Callable[..., FeatureSet]] = {
     "question-answering": encode_question_answering,
     "multiple-choice": encode_multiple_choice,
 }
+task_table.check_covers(ENCODERS, task_table.FINETUNE, "megabert.data.features.ENCODERS")
 
 
 def encode_examples(task: str, examples: Sequence[Any], tokenizer: Any, **options: Any) -> FeatureSet:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Iterator, Literal, Sequence, TypeVar, overload
 
+from megabert import task_table
 from megabert.errors import UserError
 from megabert.lines import iter_lines, jsonl_records
 
@@ -56,20 +57,9 @@ PROBLEM_TYPES: tuple[str, ...] = (
     "regression",
     "multi_label_classification",
 )
-TASKS: tuple[str, ...] = (
-    "sequence-classification",
-    "token-classification",
-    "question-answering",
-    "multiple-choice",
-)
-# Other names people use for the same heads.
-TASK_ALIASES: dict[str, str] = {
-    "text-classification": "sequence-classification",
-    "classification": "sequence-classification",
-    "ner": "token-classification",
-    "qa": "question-answering",
-    "squad": "question-answering",
-}
+# Views of megabert.task_table: the fine-tuning tasks, and the other names people use for them.
+TASKS: tuple[str, ...] = task_table.names(task_table.FINETUNE)
+TASK_ALIASES: dict[str, str] = task_table.aliases(task_table.FINETUNE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -898,10 +888,17 @@ def read_multiple_choice(
 
 def canonical_task(task: str) -> str:
     """The canonical task name (one of :data:`TASKS`) for a task name or alias."""
-    name = TASK_ALIASES.get(task, task)
-    if name not in TASKS:
-        raise UserError(f"unknown task {task!r}; choose one of {list(TASKS)} (or {sorted(TASK_ALIASES)})")
-    return name
+    return task_table.resolve_task(task, task_table.FINETUNE).name
+
+
+# The reader of each fine-tuning task (checked against the task table).
+READERS: dict[str, Any] = {
+    "sequence-classification": read_sequence_classification,
+    "token-classification": read_conll,
+    "question-answering": read_squad,
+    "multiple-choice": read_multiple_choice,
+}
+task_table.check_covers(READERS, task_table.FINETUNE, "megabert.data.tasks.READERS")
 
 
 def read_examples(task: str, path: str | Path, **options: Any) -> ReadResult[Any]:
@@ -911,13 +908,7 @@ def read_examples(task: str, path: str | Path, **options: Any) -> ReadResult[Any
     ``token-classification`` -> :func:`read_conll`, ``question-answering`` -> :func:`read_squad`,
     ``multiple-choice`` -> :func:`read_multiple_choice`.
     """
-    readers = {
-        "sequence-classification": read_sequence_classification,
-        "token-classification": read_conll,
-        "question-answering": read_squad,
-        "multiple-choice": read_multiple_choice,
-    }
-    reader = readers[canonical_task(task)]
+    reader = READERS[canonical_task(task)]
     try:
         inspect.signature(reader).bind(path, **options)
     except TypeError as e:

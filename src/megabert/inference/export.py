@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from megabert import task_table
 from megabert.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -56,20 +57,17 @@ class ExportTask:
     pipeline_task: str | None = None  # for the classifier-architecture check of loading.check_head
 
 
+# Views of megabert.task_table: export task -> what it exports; alias -> export task; the
+# choices of `megabert export onnx --task` (commands/export.py builds the same without torch).
 EXPORT_TASKS: dict[str, ExportTask] = {
-    "base": ExportTask("base", None, ("last_hidden_state", "pooler_output")),
-    "masked-lm": ExportTask("masked-lm", "masked-lm", ("logits",)),
-    "pretraining": ExportTask("pretraining", "masked-lm", ("prediction_logits", "seq_relationship_logits")),
-    "next-sentence": ExportTask("next-sentence", "next-sentence", ("logits",)),
-    "sequence-classification": ExportTask(
-        "sequence-classification", "classifier", ("logits",), "text-classification"
-    ),
-    "token-classification": ExportTask("token-classification", "classifier", ("logits",), "token-classification"),
-    "question-answering": ExportTask("question-answering", "question-answering", ("start_logits", "end_logits")),
-    "multiple-choice": ExportTask("multiple-choice", "classifier", ("logits",), "multiple-choice"),
-}
-TASK_ALIASES = {"fill-mask": "masked-lm", "text-classification": "sequence-classification", "qa": "question-answering"}
-TASK_CHOICES = ("auto", "fill-mask", *EXPORT_TASKS)
+    task.name: ExportTask(
+        task.name, task.head, task.export_outputs,
+        task.primary(task_table.PIPELINE) if "classifier" in task.heads else None,
+    )
+    for task in task_table.tasks(task_table.EXPORT)
+}  # fmt: skip
+TASK_ALIASES: dict[str, str] = task_table.aliases(task_table.EXPORT)
+TASK_CHOICES = ("auto", *task_table.aliases(task_table.EXPORT_OPTION), *task_table.names(task_table.EXPORT_OPTION))
 
 
 @dataclass(frozen=True)
@@ -113,10 +111,10 @@ def canonical_export_task(task: str) -> str:
     """``task`` or its alias as a key of :data:`EXPORT_TASKS` ("auto" passes through)."""
     if task == "auto":
         return task
-    task = TASK_ALIASES.get(task, task)
-    if task not in EXPORT_TASKS:
-        raise UserError(f"unknown export task {task!r}; choose one of {', '.join(TASK_CHOICES)}")
-    return task
+    try:
+        return task_table.resolve_task(task, task_table.EXPORT).name
+    except UserError:
+        raise UserError(f"unknown export task {task!r}; choose one of {', '.join(TASK_CHOICES)}") from None
 
 
 def require_onnx_exporter() -> None:
@@ -470,11 +468,12 @@ def export_onnx(
     except UserError as exc:
         raise UserError(str(exc).replace(" pipeline needs", " export needs")) from None
     outputs = spec.outputs
-    if task == "pretraining" and "next-sentence" not in heads:
-        raise UserError(
-            f"model folder {folder} has no next-sentence head, which the pretraining export needs "
-            "(export its MLM head with task masked-lm)"
-        )
+    for needed in task_table.get_task(task).heads[1:]:  # the pretraining export: the NSP head too
+        if needed not in heads:
+            raise UserError(
+                f"model folder {folder} has no {needed} head, which the {task} export needs "
+                "(export its MLM head with task masked-lm)"
+            )
     if task == "base" and "pooler" not in heads:
         outputs = ("last_hidden_state",)  # no trained pooler: export the hidden states only
     model, _ = load_model(

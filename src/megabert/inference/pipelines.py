@@ -21,49 +21,46 @@ from typing import Any
 
 import torch
 
+from megabert import task_table
 from megabert.errors import UserError
 from megabert.inference.base import InputError, Pipeline
 from megabert.inference.classification import MultipleChoicePipeline, NextSentencePipeline, TextClassificationPipeline
 from megabert.inference.feature_extraction import FeatureExtractionPipeline
 from megabert.inference.fill_mask import FillMaskPipeline
-from megabert.inference.loading import check_model_folder, load_model, load_tokenizer, resolve_device, resolve_dtype
+from megabert.devices import resolve_device, resolve_dtype
+from megabert.inference.loading import check_model_folder, load_model
+from megabert.tokenization import load_tokenizer
 from megabert.inference.question_answering import QuestionAnsweringPipeline
 from megabert.inference.token_classification import TokenClassificationPipeline
 
-# task -> (pipeline class, model class name for model_class_for, head its checkpoint must have)
+# The pipeline class of each task that has a pipeline, by canonical task name (checked against the table).
+PIPELINE_CLASSES: dict[str, type[Pipeline]] = {
+    "base": FeatureExtractionPipeline,
+    "masked-lm": FillMaskPipeline,
+    "next-sentence": NextSentencePipeline,
+    "sequence-classification": TextClassificationPipeline,
+    "token-classification": TokenClassificationPipeline,
+    "question-answering": QuestionAnsweringPipeline,
+    "multiple-choice": MultipleChoicePipeline,
+}
+task_table.check_covers(PIPELINE_CLASSES, task_table.PIPELINE, "megabert.inference.pipelines.PIPELINE_CLASSES")
+# Views of megabert.task_table, by pipeline name: (pipeline class, model task, head its checkpoint
+# must have); and alias -> pipeline name.
 TASKS: dict[str, tuple[type[Pipeline], str, str | None]] = {
-    "fill-mask": (FillMaskPipeline, "masked-lm", "masked-lm"),
-    "next-sentence": (NextSentencePipeline, "next-sentence", "next-sentence"),
-    "text-classification": (TextClassificationPipeline, "sequence-classification", "classifier"),
-    "token-classification": (TokenClassificationPipeline, "token-classification", "classifier"),
-    "question-answering": (QuestionAnsweringPipeline, "question-answering", "question-answering"),
-    "multiple-choice": (MultipleChoicePipeline, "multiple-choice", "classifier"),
-    "feature-extraction": (FeatureExtractionPipeline, "base", None),
+    task.primary(task_table.PIPELINE): (PIPELINE_CLASSES[task.name], task.name, task.head)
+    for task in task_table.tasks(task_table.PIPELINE)
 }
-ALIASES = {
-    "nsp": "next-sentence",
-    "sentiment-analysis": "text-classification",
-    "classify": "text-classification",
-    "sequence-classification": "text-classification",
-    "ner": "token-classification",
-    "tokens": "token-classification",
-    "qa": "question-answering",
-    "choices": "multiple-choice",
-    "embed": "feature-extraction",
-    "embeddings": "feature-extraction",
-}
-# Model classes each task accepts when given a model object (besides its own).
-_ALSO_ACCEPTED = {
-    "fill-mask": ("MegatronBertForPreTraining",),
-    "next-sentence": ("MegatronBertForPreTraining",),
-}
+ALIASES: dict[str, str] = task_table.aliases(task_table.PIPELINE)
 
 
 def canonical_task(task: str) -> str:
-    """The task's canonical name, from the name or an alias."""
-    if not isinstance(task, str) or (task not in TASKS and task not in ALIASES):
-        raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)} (aliases: {', '.join(ALIASES)})")
-    return ALIASES.get(task, task)
+    """The task's pipeline name, from the name or an alias."""
+    return resolve_pipeline_task(task).primary(task_table.PIPELINE)
+
+
+def resolve_pipeline_task(task: str) -> task_table.Task:
+    """The table's task of a pipeline name or alias (a UserError listing the names otherwise)."""
+    return task_table.resolve_task(task, task_table.PIPELINE)
 
 
 def pipeline(
@@ -93,24 +90,22 @@ def pipeline(
         **kwargs: ``lookahead``, ``max_length``, and default values of the task's call
             parameters (e.g. ``top_k=3``, ``aggregation_strategy="simple"``).
     """
-    task = canonical_task(task)
-    pipeline_class, model_task, head = TASKS[task]
+    spec = resolve_pipeline_task(task)
+    task = spec.primary(task_table.PIPELINE)  # the name messages use
+    embeddings = spec.name == "base"  # feature-extraction runs on the encoder of any model
     extra: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):
         folder = check_model_folder(model)
-        tok = load_tokenizer(tokenizer, folder)
+        tok = load_tokenizer(tokenizer, model_folder=folder)
         loaded, heads = load_model(
-            folder, model_task, task=task, head=head, dtype=dtype, device=resolve_device(device),
+            folder, spec.name, task=task, head=spec.head, dtype=dtype, device=resolve_device(device),
             unpad_inputs=unpad_inputs,
         )
-        if task == "feature-extraction":
+        if embeddings:
             extra["has_pooler"] = "pooler" in heads
     elif isinstance(model, torch.nn.Module):
-        from megabert.modeling.heads import model_class_for
-
-        expected = model_class_for(model_task)
-        accepted = (expected.__name__, *_ALSO_ACCEPTED.get(task, ()))
-        if type(model).__name__ not in accepted and not (task == "feature-extraction" and hasattr(model, "bert")):
+        accepted = (spec.model_class, *(task_table.get_task(other).model_class for other in spec.also_runs_on))
+        if type(model).__name__ not in accepted and not (embeddings and hasattr(model, "bert")):
             raise UserError(f"the {task} pipeline needs a {' or '.join(accepted)}, got a {type(model).__name__}")
         tok = load_tokenizer(tokenizer, None)
         loaded = model
@@ -119,15 +114,17 @@ def pipeline(
         resolved = resolve_dtype(dtype)
         if isinstance(resolved, torch.dtype):
             loaded = loaded.to(resolved)
-        if task == "feature-extraction" and hasattr(loaded, "bert"):
+        if embeddings and hasattr(loaded, "bert"):
             loaded = loaded.bert
     else:
         raise UserError(f"model must be a model folder or a megabert model, got {type(model).__name__}")
+    pipeline_class = PIPELINE_CLASSES[spec.name]
     return pipeline_class(loaded, tok, batch_size=batch_size, **extra, **kwargs)
 
 
 __all__ = [
     "ALIASES",
+    "PIPELINE_CLASSES",
     "TASKS",
     "FeatureExtractionPipeline",
     "FillMaskPipeline",
@@ -140,4 +137,5 @@ __all__ = [
     "TokenClassificationPipeline",
     "canonical_task",
     "pipeline",
+    "resolve_pipeline_task",
 ]

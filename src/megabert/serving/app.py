@@ -29,20 +29,13 @@ import torch
 from megabert.errors import UserError
 from megabert.inference.base import Encoded, Pipeline
 from megabert.inference.batching import Row
-from megabert.inference.classification import MultipleChoicePipeline, NextSentencePipeline, TextClassificationPipeline
+from megabert import task_table
 from megabert.inference.feature_extraction import FeatureExtractionPipeline
-from megabert.inference.fill_mask import FillMaskPipeline
-from megabert.inference.loading import (
-    check_model_folder,
-    checkpoint_keys,
-    load_model,
-    load_tokenizer,
-    read_config,
-    resolve_device,
-)
-from megabert.inference.question_answering import QuestionAnsweringPipeline
-from megabert.inference.token_classification import TokenClassificationPipeline
+from megabert.devices import resolve_device
+from megabert.inference.loading import check_model_folder, checkpoint_keys, load_model, read_config
+from megabert.inference.pipelines import PIPELINE_CLASSES
 from megabert.serving.batcher import BatchError, Batcher, Job, ShuttingDown
+from megabert.tokenization import load_tokenizer
 
 access_logger = logging.getLogger("megabert.serve.access")
 logger = logging.getLogger("megabert.serve")
@@ -167,12 +160,11 @@ def _model_task(heads: list[str], architectures: list[str] | None) -> str:
         return "next-sentence"
     if "question-answering" in heads:
         return "question-answering"
-    if "classifier" in heads:
-        archs = architectures or ()
-        if "MegatronBertForTokenClassification" in archs:
-            return "token-classification"
-        if "MegatronBertForMultipleChoice" in archs:
-            return "multiple-choice"
+    if "classifier" in heads:  # three models share the head's name: config.json's class tells which
+        for arch in architectures or ():
+            task = task_table.task_of_class(arch)
+            if task is not None and task.heads == ("classifier",):
+                return task.name
         return "sequence-classification"
     return "base"
 
@@ -192,7 +184,7 @@ def load_service(
     Errors with the folder are UserErrors (one line, before the server starts).
     """
     folder = check_model_folder(model)
-    tokenizer = load_tokenizer(None, folder)
+    tokenizer = load_tokenizer(model_folder=folder)
     config = read_config(folder)
     from megabert.modeling.heads import heads_in_checkpoint
 
@@ -209,19 +201,11 @@ def load_service(
     pipelines: dict[str, Pipeline] = {
         "feature-extraction": FeatureExtractionPipeline(encoder, tokenizer, has_pooler="pooler" in heads),
     }
-    if model_task in ("pretraining", "masked-lm"):
-        pipelines["fill-mask"] = FillMaskPipeline(loaded, tokenizer)
-    if model_task in ("pretraining", "next-sentence"):
-        pipelines["next-sentence"] = NextSentencePipeline(loaded, tokenizer)
-    by_task = {
-        "sequence-classification": ("text-classification", TextClassificationPipeline),
-        "token-classification": ("token-classification", TokenClassificationPipeline),
-        "multiple-choice": ("multiple-choice", MultipleChoicePipeline),
-        "question-answering": ("question-answering", QuestionAnsweringPipeline),
-    }
-    if model_task in by_task:
-        key, cls = by_task[model_task]
-        pipelines[key] = cls(loaded, tokenizer)
+    # The model's own pipeline, and those of the heads it carries besides (a pretraining model
+    # serves fill-mask and next-sentence), keyed by pipeline name.
+    for task in task_table.tasks(task_table.PIPELINE):
+        if task.name != "base" and model_task in (task.name, *task.also_runs_on):
+            pipelines[task.primary(task_table.PIPELINE)] = PIPELINE_CLASSES[task.name](loaded, tokenizer)
     return Service(
         name=name or folder.resolve().name, folder=folder, config=config, tokenizer=tokenizer, heads=heads,
         model_task=model_task, pipelines=pipelines, pooling=pooling, limits=limits or Limits(), api_key=api_key,
