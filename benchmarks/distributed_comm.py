@@ -105,7 +105,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, result_file: str) 
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
     from megabert.modeling.heads import MegatronBertForSequenceClassification
-    from megabert.train.parallel import ParallelConfig, setup_parallel
+    from megabert.train.distributed.parallel import ParallelConfig, setup_parallel
 
     ctx = setup_parallel(ParallelConfig(tensor_parallel=args.tp, device="cpu", heartbeat_timeout_s=0))
     torch.manual_seed(0)

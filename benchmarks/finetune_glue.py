@@ -94,7 +94,7 @@ def write_init_folder(folder: Path) -> None:
 
     from megabert.modeling.heads import MegatronBertForPreTraining
     from megabert.tokenization import MegatronBertTokenizer
-    from megabert.train.pretrain import build_model_config
+    from megabert.train.jobs.pretrain import build_model_config
 
     tokenizer = MegatronBertTokenizer.from_pretrained(DATA / "vocab" / "bert-uncased")
     torch.manual_seed(0)

@@ -1,13 +1,13 @@
 """Pretraining step speed: our trainer step vs the `transformers` reference, same batches, same AdamW.
 
-Both models run through the same :class:`megabert.train.trainer.Trainer` loop (AdamW with the
+Both models run through the same :class:`megabert.train.engine.trainer.Trainer` loop (AdamW with the
 BERT decay rule, warmup schedule, clipping at 1.0, metrics), so the difference is the model
 and the objective:
 
 * reference: ``transformers.MegatronBertForPreTraining`` (eager attention), its own loss, which
   computes vocabulary logits for every position (``batch x seq x 30592``);
 * ours: ``megabert.MegatronBertForPreTraining`` with ``unpad_inputs`` (pad tokens skipped) and
-  :class:`~megabert.train.pretrain.PretrainingObjective` (logits only at the masked ~15%),
+  :class:`~megabert.train.jobs.pretrain.PretrainingObjective` (logits only at the masked ~15%),
   in fp32 or with bf16 autocast.
 
 The batches imitate ``PretrainingDataset`` output: random word-pieces, 90% of samples at full
@@ -131,11 +131,11 @@ def build_pair(size: str, dropout: float, folder: Path, seed: int) -> tuple[torc
 def train(model: torch.nn.Module, batches: list, ours: bool, precision: str, steps: int, device: torch.device,
           folder: Path, lr: float = 1e-4) -> dict[str, Any]:
     """Run ``steps`` trainer steps; returns losses, per-step times and peak memory."""
-    from megabert.train.checkpoint import CheckpointConfig
-    from megabert.train.logging import MetricsConfig
-    from megabert.train.optim import OptimizerConfig, ScheduleConfig
-    from megabert.train.pretrain import PretrainingObjective
-    from megabert.train.trainer import Trainer, TrainerConfig
+    from megabert.train.engine.checkpoint import CheckpointConfig
+    from megabert.train.engine.logging import MetricsConfig
+    from megabert.train.engine.optim import OptimizerConfig, ScheduleConfig
+    from megabert.train.jobs.pretrain import PretrainingObjective
+    from megabert.train.engine.trainer import Trainer, TrainerConfig
 
     clock = StepClock()
     trainer = Trainer(

@@ -10,7 +10,7 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from megabert.errors import UserError
-from megabert.train import metrics as M
+from megabert.train.jobs import metrics as M
 
 # --------------------------------------------------------------------------------------------
 # Classification

@@ -349,7 +349,7 @@ def test_refused_pickle_names_the_global_and_why(tmp_path, mlm, payload, name, z
 
 def test_converter_unpickler_messages_are_plain(tmp_path):
     """The Megatron converter's allow-list unpickler: same words for a bare pickle and a refused global."""
-    from megabert.convert.safe_pickle import describe_load_error, safe_load
+    from megabert.safe_pickle import describe_load_error, safe_load
 
     path = tmp_path / "model_optim_rng.pt"
     path.write_bytes(pickle.dumps({"model": {"w": [1.0]}}, protocol=2))

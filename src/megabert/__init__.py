@@ -33,7 +33,7 @@ _EXPORTS = {
     "preprocess_corpus": "megabert.data.preprocess",
     "read_examples": "megabert.data.tasks",
     "encode_examples": "megabert.data.features",
-    "compute_metrics": "megabert.train.metrics",
+    "compute_metrics": "megabert.train.jobs.metrics",
     "pipeline": "megabert.inference.pipelines",
     "convert_megatron_to_hf": "megabert.convert.megatron_lm",
     "convert_hf_to_megatron": "megabert.convert.megatron_lm",

@@ -236,6 +236,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def scratch_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp file next to ``path``, and remove it when the block ends, however it ends.
+
+    For a part of ``path`` written on the side (one rank's share of a file command's output).
+    It is named like the atomic writers' temps, so if its process is killed outright, the next
+    atomic write of ``path`` removes the leftover (see :func:`remove_dead_temps`).
+    """
+    path = Path(path)
+    _make_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        _raise_for_temp(exc, path)
+        raise
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+    except BaseException as exc:
+        error = write_error(exc, path, probe_dir=path.parent, temp=tmp_path)
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        if error is not None and error is not exc:
+            raise error from exc
+        raise
+    with contextlib.suppress(OSError):
+        tmp_path.unlink()
+
+
+@contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; it becomes ``path`` only if the block succeeds.
 

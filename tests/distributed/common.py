@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from megabert.config import MegatronBertConfig
-from megabert.train.checkpoint import CheckpointConfig
-from megabert.train.logging import MetricsConfig
-from megabert.train.optim import OptimizerConfig, ScheduleConfig
-from megabert.train.parallel import ParallelContext
-from megabert.train.pretrain import PretrainingObjective
-from megabert.train.trainer import ResumableLoader, Trainer, TrainerCallback, TrainerConfig
+from megabert.train.engine.checkpoint import CheckpointConfig
+from megabert.train.engine.logging import MetricsConfig
+from megabert.train.engine.optim import OptimizerConfig, ScheduleConfig
+from megabert.train.distributed.parallel import ParallelContext
+from megabert.train.jobs.pretrain import PretrainingObjective
+from megabert.train.engine.trainer import ResumableLoader, Trainer, TrainerCallback, TrainerConfig
 
 VOCAB = 128  # divisible by 2 and 4: the vocabulary can be sharded
 SEQ = 16

@@ -24,7 +24,7 @@ import common  # noqa: E402
 from launcher import check_ok, launch  # noqa: E402
 
 from megabert.errors import UserError  # noqa: E402
-from megabert.train.parallel import (  # noqa: E402
+from megabert.train.distributed.parallel import (  # noqa: E402
     EXIT_PEER_FAILURE,
     DataParallelSource,
     ParallelConfig,
@@ -33,7 +33,7 @@ from megabert.train.parallel import (  # noqa: E402
     mesh_shape,
     setup_parallel,
 )
-from megabert.train.trainer import ResumableLoader  # noqa: E402
+from megabert.train.engine.trainer import ResumableLoader  # noqa: E402
 
 TOL = 1e-5
 
@@ -271,8 +271,8 @@ def test_shard_batches_reslices_a_loader_like_the_single_process_order(single):
 
 
 def test_hooks_refuse_a_model_that_was_never_sharded():
-    from megabert.train.parallel import ParallelHooks
-    from megabert.train.trainer import LossModule
+    from megabert.train.distributed.parallel import ParallelHooks
+    from megabert.train.engine.trainer import LossModule
 
     ctx = ParallelContext(ParallelConfig(tensor_parallel=2, device="cpu"), 0, 2, 0, torch.device("cpu"))
     hooks = ParallelHooks(ctx)

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from megabert.train.parallel import ParallelConfig, load_megatron_model, setup_parallel  # noqa: E402
+from megabert.convert.load import load_megatron_model  # noqa: E402
+from megabert.train.distributed.parallel import ParallelConfig, setup_parallel  # noqa: E402
 
 
 def main() -> int:

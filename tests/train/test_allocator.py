@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megabert.train.allocator import _glibc
+from megabert.train.engine.allocator import _glibc
 
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="glibc malloc only")
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(_glibc() is None, reason="glibc malloc only")
 # free bytes the heap still holds (mallinfo2's fordblks).
 PROBE = """
 import ctypes, sys, torch
-from megabert.train.allocator import keep_freed_memory
+from megabert.train.engine.allocator import keep_freed_memory
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
                 "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megabert.cli import main as cli_main
-from megabert.train.finetune import (
+from megabert.train.jobs.finetune import (
     BEST_DIR,
     PREDICTIONS_FILE,
     RESULTS_FILE,
@@ -29,8 +29,8 @@ from megabert.train.finetune import (
     evaluate,
     finetune,
 )
-from megabert.train.finetune_data import LabelScheme
-from megabert.train.metrics import normalize_answer
+from megabert.train.jobs.finetune_data import LabelScheme
+from megabert.train.jobs.metrics import normalize_answer
 
 VOCAB = (
     "[PAD] [UNK] [CLS] [SEP] [MASK] . , ? the a this that film movie plot is was good great bad awful "
@@ -358,7 +358,7 @@ def write_squad(path: Path, n: int, seed: int) -> None:
 def test_question_answering_squad_v2_with_windows(tiny_model, tmp_path, caplog):
     write_squad(tmp_path / "train.json", 120, seed=8)
     write_squad(tmp_path / "dev.json", 24, seed=9)
-    with caplog.at_level(logging.WARNING, logger="megabert.train.finetune"):
+    with caplog.at_level(logging.WARNING, logger="megabert.train.jobs.finetune"):
         result = finetune("question-answering", tiny_model, tmp_path / "train.json", tmp_path / "dev.json",
                           tmp_path / "out", data=DataOptions(max_length=MAX_LENGTH, doc_stride=16),
                           config=quick(epochs=2))
@@ -456,7 +456,7 @@ def test_resume_continues_an_interrupted_run(tiny_model, tmp_path, monkeypatch):
     import os
     import signal
 
-    from megabert.train.finetune import BestModelKeeper
+    from megabert.train.jobs.finetune import BestModelKeeper
 
     write_mrpc(tmp_path / "train.tsv", 64, seed=15)
     write_mrpc(tmp_path / "dev.tsv", 10, seed=16)

@@ -10,7 +10,7 @@ from test_finetune import MAX_LENGTH, write_conll, write_mrpc, write_squad, writ
 
 from megabert.cli import main as cli_main
 from megabert.errors import UserError
-from megabert.train.finetune import DataOptions, FinetuneConfig, finetune
+from megabert.train.jobs.finetune import DataOptions, FinetuneConfig, finetune
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from megabert.data.indexed import write_indexed_dataset
 from megabert.data.pretraining import PretrainingDataset, collate_pretraining
 from megabert.errors import UserError
 from megabert.tokenization import MegatronBertTokenizer
-from megabert.train.logging import MetricsConfig, read_metrics
-from megabert.train.pretrain import (
+from megabert.train.engine.logging import MetricsConfig, read_metrics
+from megabert.train.jobs.pretrain import (
     MODEL_PRESETS,
     PretrainDataConfig,
     build_model_config,
@@ -25,7 +25,7 @@ from megabert.train.pretrain import (
     padded_vocab_size,
     run_pretraining,
 )
-from megabert.train.trainer import TrainerConfig
+from megabert.train.engine.trainer import TrainerConfig
 
 QUIET = MetricsConfig(log_every=1, progress=False, tensorboard=False, plot=False)
 
@@ -78,7 +78,7 @@ def test_final_model_loads_in_megabert_and_transformers(tmp_path, tiny_corpus, t
 def test_first_batch_is_the_datasets_first_samples(tmp_path, tiny_corpus, tiny_model_file):
     """The job feeds PretrainingDataset samples 0..B-1 first (the data position a resume relies on)."""
     seen = []
-    from megabert.train import pretrain as job
+    from megabert.train.jobs import pretrain as job
 
     original = job.PretrainingObjective.__call__
 

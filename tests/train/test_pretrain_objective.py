@@ -7,7 +7,7 @@ import torch
 
 from trainkit import synthetic_batch, tiny_config
 from megabert import MegatronBertForPreTraining
-from megabert.train.pretrain import PretrainingEvaluator, PretrainingObjective
+from megabert.train.jobs.pretrain import PretrainingEvaluator, PretrainingObjective
 
 
 def _pair(binary: bool, unpad: bool):

@@ -31,10 +31,10 @@ from test_finetune import MAX_LENGTH, write_mrpc, write_tiny_model
 from test_train_checkpoint import DRIVER, train_losses
 
 from megabert.cli import main as cli_main
-from megabert.train import checkpoint as ckpt
-from megabert.train.logging import read_metrics
-from megabert.train.pretrain import data_fingerprint
-from megabert.train.trainer import TrainingError
+from megabert.train.engine import checkpoint as ckpt
+from megabert.train.engine.logging import read_metrics
+from megabert.train.jobs.pretrain import data_fingerprint
+from megabert.train.engine.trainer import TrainingError
 from megabert.utils import LOCK_FILE
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
@@ -46,7 +46,7 @@ DISK_FULL = "No space left on device (the disk is full: free some space or write
 @pytest.fixture(autouse=True)
 def _no_curves(monkeypatch):
     """No curves.png in the in-process runs (matplotlib takes a second a run; nothing here looks at it)."""
-    from megabert.train.logging import MetricsLogger
+    from megabert.train.engine.logging import MetricsLogger
 
     monkeypatch.setattr(MetricsLogger, "plot", lambda self: None)
 

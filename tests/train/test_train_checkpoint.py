@@ -19,12 +19,12 @@ from trainkit import SyntheticPretrainingData, tiny_config
 from megabert import MegatronBertForPreTraining
 from megabert.data.pretraining import collate_pretraining
 from megabert.errors import UserError
-from megabert.train import checkpoint as ckpt
-from megabert.train.checkpoint import CheckpointConfig
-from megabert.train.logging import MetricsConfig, read_metrics
-from megabert.train.optim import OptimizerConfig, ScheduleConfig
-from megabert.train.pretrain import PretrainingObjective
-from megabert.train.trainer import ResumableLoader, Trainer, TrainerCallback, TrainerConfig
+from megabert.train.engine import checkpoint as ckpt
+from megabert.train.engine.checkpoint import CheckpointConfig
+from megabert.train.engine.logging import MetricsConfig, read_metrics
+from megabert.train.engine.optim import OptimizerConfig, ScheduleConfig
+from megabert.train.jobs.pretrain import PretrainingObjective
+from megabert.train.engine.trainer import ResumableLoader, Trainer, TrainerCallback, TrainerConfig
 
 QUIET = MetricsConfig(log_every=1, progress=False, tensorboard=False, plot=False)
 
@@ -81,7 +81,7 @@ DRIVER = """
 import sys, time
 import torch
 torch.set_num_threads(1)
-from megabert.train import trainer as T
+from megabert.train.engine import trainer as T
 delay = float(sys.argv[1])
 original = T.Trainer._train_step
 def slow_step(self, iterator):

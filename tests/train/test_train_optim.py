@@ -10,7 +10,7 @@ import torch
 from trainkit import tiny_config
 from megabert import MegatronBertForPreTraining
 from megabert.errors import UserError
-from megabert.train.optim import (
+from megabert.train.engine.optim import (
     OptimizerConfig,
     ScheduleConfig,
     build_optimizer,

@@ -14,11 +14,11 @@ from trainkit import SyntheticPretrainingData, tiny_config
 from megabert import MegatronBertForPreTraining
 from megabert.errors import UserError
 from megabert.data.pretraining import collate_pretraining
-from megabert.train import checkpoint as ckpt
-from megabert.train.logging import MetricsConfig, read_metrics
-from megabert.train.optim import OptimizerConfig, ScheduleConfig, learning_rates
-from megabert.train.pretrain import PretrainingObjective
-from megabert.train.trainer import ResumableLoader, StepOutput, Trainer, TrainerConfig, TrainingError
+from megabert.train.engine import checkpoint as ckpt
+from megabert.train.engine.logging import MetricsConfig, read_metrics
+from megabert.train.engine.optim import OptimizerConfig, ScheduleConfig, learning_rates
+from megabert.train.jobs.pretrain import PretrainingObjective
+from megabert.train.engine.trainer import ResumableLoader, StepOutput, Trainer, TrainerConfig, TrainingError
 
 QUIET = MetricsConfig(log_every=1, progress=False, tensorboard=False, plot=False)
 
@@ -251,7 +251,7 @@ def test_step_output_metrics_are_averaged_over_micro_batches(tmp_path):
 
 # ------------------------------------------------------------------------------ metrics files
 def test_metrics_file_survives_a_torn_line_and_truncates_on_resume(tmp_path):
-    from megabert.train.logging import MetricsLogger
+    from megabert.train.engine.logging import MetricsLogger
 
     logger = MetricsLogger(tmp_path, QUIET)
     for step in (1, 2, 3):
@@ -266,7 +266,7 @@ def test_metrics_file_survives_a_torn_line_and_truncates_on_resume(tmp_path):
 
 
 def _logger_with_records(folder):
-    from megabert.train.logging import MetricsLogger
+    from megabert.train.engine.logging import MetricsLogger
 
     logger = MetricsLogger(folder, QUIET)
     for step in (1, 2):
@@ -296,7 +296,7 @@ def test_curves_png(tmp_path):
 
 # ------------------------------------------------------------------------- extension points
 def test_request_stop_from_a_callback(tmp_path):
-    from megabert.train.trainer import TrainerCallback
+    from megabert.train.engine.trainer import TrainerCallback
 
     class EarlyStop(TrainerCallback):
         def on_evaluate(self, trainer, step, results):
@@ -317,7 +317,7 @@ class RecordingHooks:
     """DistributedHooks that record every call (as a second data-parallel rank would see them)."""
 
     def __new__(cls, rank: int = 0):
-        from megabert.train.trainer import DistributedHooks
+        from megabert.train.engine.trainer import DistributedHooks
 
         class Hooks(DistributedHooks):
             def __init__(self) -> None:
@@ -347,13 +347,19 @@ class RecordingHooks:
                 self.calls.append("gather")
                 return [obj, obj]
 
-            def save_checkpoint(self, trainer):
-                self.calls.append("save")
-                return super().save_checkpoint(trainer)
+            def checkpoint_format(self):
+                calls, inner = self.calls, super().checkpoint_format()
 
-            def load_checkpoint(self, trainer, folder):
-                self.calls.append("load")
-                super().load_checkpoint(trainer, folder)
+                class Recording:
+                    def save(self, snapshot, target):
+                        calls.append("save")
+                        return inner.save(snapshot, target)
+
+                    def load(self, folder, snapshot):
+                        calls.append("load")
+                        return inner.load(folder, snapshot)
+
+                return Recording()
 
         return Hooks()
 
@@ -386,7 +392,7 @@ def test_non_main_rank_writes_nothing(tmp_path):
 ])
 def test_a_stop_from_another_rank(tmp_path, signalled, reason, evaluations):
     """Every rank takes the same end-of-run path (evaluation, checkpoint: collectives) whoever stopped."""
-    from megabert.train.trainer import DistributedHooks
+    from megabert.train.engine.trainer import DistributedHooks
 
     class OtherRankStops(DistributedHooks):
         def __init__(self) -> None:

@@ -1,7 +1,7 @@
 """`megabert finetune`, `megabert evaluate`, `megabert predict-file`: task heads on files.
 
-Thin wrappers over :func:`megabert.train.finetune.finetune` and
-:func:`megabert.train.finetune.evaluate`.
+Thin wrappers over :func:`megabert.train.jobs.finetune.finetune` and
+:func:`megabert.train.jobs.finetune.evaluate`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import sys
 from dataclasses import fields, replace
 from typing import Any
 
-TASK_CHOICES = ("sequence-classification", "token-classification", "question-answering", "multiple-choice")
+from megabert import task_table
+
+TASK_CHOICES = task_table.names(task_table.FINETUNE)  # the task heads `megabert finetune` trains
 
 FINETUNE_DESCRIPTION = """\
 Fine-tune a MegatronBERT model folder (pretrained, or only its config and tokenizer with
@@ -164,12 +166,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--log-every", type=int, default=10, metavar="N", help="steps between train records")
     run_group.add_argument("--plot", action="store_true", help="draw curves.png (needs matplotlib)")
     run_group.add_argument("--quiet", action="store_true", help="no progress bars")
-    from megabert.train.allocator import add_memory_argument
+    from megabert.commands.training_options import add_training_run_arguments
 
-    add_memory_argument(run_group)  # --release-memory
-    from megabert.train.parallel import add_parallel_arguments
-
-    add_parallel_arguments(p)  # --tensor-parallel, --data-parallel, --replicate-vocab, timeouts
+    # --release-memory; --tensor-parallel, --data-parallel, --replicate-vocab, timeouts
+    add_training_run_arguments(p, run_group)
     p.set_defaults(run=run_finetune)
 
     for name, help_text, description, epilog, labeled in (
@@ -208,14 +208,14 @@ def _show(metrics: dict[str, float]) -> str:
 
 def run_finetune(args: argparse.Namespace) -> int:
     """Build the options from the arguments, fine-tune (on every rank under torchrun), print the best metrics."""
-    from megabert.train.parallel import run_on_every_rank
+    from megabert.commands.training_options import run_training_command
 
-    return run_on_every_rank(args, lambda hooks: _finetune(args, hooks), _report_finetune)
+    return run_training_command(args, lambda hooks: _finetune(args, hooks), _report_finetune)
 
 
 def _finetune(args: argparse.Namespace, hooks: Any) -> Any:
     """finetune() with the settings of the parsed arguments, on this rank (``hooks``)."""
-    from megabert.train.finetune import DataOptions, FinetuneConfig, finetune
+    from megabert.train.jobs.finetune import DataOptions, FinetuneConfig, finetune
 
     config = FinetuneConfig(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
@@ -260,7 +260,7 @@ def _report_finetune(result: Any) -> int:
 
 
 def _evaluate(args: argparse.Namespace, labeled: bool) -> Any:
-    from megabert.train.finetune import evaluate, saved_data_options
+    from megabert.train.jobs.finetune import evaluate, saved_data_options
 
     return evaluate(
         args.model, args.data, task=args.task, output=args.output if labeled else None,
@@ -282,7 +282,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Predict; write JSON lines to --output or stdout."""
-    from megabert.train.finetune_eval import json_safe, write_jsonl
+    from megabert.train.jobs.finetune_eval import json_safe, write_jsonl
 
     result = _evaluate(args, labeled=False)
     for note in result.notes:

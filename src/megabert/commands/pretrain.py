@@ -94,29 +94,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--log-every", type=int, default=10, metavar="N", help="steps between metric records")
     run_group.add_argument("--max-minutes", type=float, metavar="M", help="stop (with a checkpoint) after M minutes")
     run_group.add_argument("--quiet", action="store_true", help="no progress bar")
-    from megabert.train.allocator import add_memory_argument
+    from megabert.commands.training_options import add_training_run_arguments
 
-    add_memory_argument(run_group)  # --release-memory
-    from megabert.train.parallel import add_parallel_arguments
-
-    add_parallel_arguments(p)  # --tensor-parallel, --data-parallel, --replicate-vocab, timeouts
+    # --release-memory; --tensor-parallel, --data-parallel, --replicate-vocab, timeouts
+    add_training_run_arguments(p, run_group)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the configs from the arguments, run the job (on every rank under torchrun), print where the outputs are."""
-    from megabert.train.parallel import run_on_every_rank
+    from megabert.commands.training_options import run_training_command
 
-    return run_on_every_rank(args, lambda hooks: _pretrain(args, hooks), _report)
+    return run_training_command(args, lambda hooks: _pretrain(args, hooks), _report)
 
 
 def _pretrain(args: argparse.Namespace, hooks: Any) -> Any:
     """run_pretraining with the settings of the parsed arguments, on this rank (``hooks``)."""
-    from megabert.train.checkpoint import CheckpointConfig
-    from megabert.train.logging import MetricsConfig
-    from megabert.train.optim import OptimizerConfig, ScheduleConfig
-    from megabert.train.pretrain import PretrainDataConfig, run_pretraining
-    from megabert.train.trainer import TrainerConfig
+    from megabert.train.engine.checkpoint import CheckpointConfig
+    from megabert.train.engine.logging import MetricsConfig
+    from megabert.train.engine.optim import OptimizerConfig, ScheduleConfig
+    from megabert.train.jobs.pretrain import PretrainDataConfig, run_pretraining
+    from megabert.train.engine.trainer import TrainerConfig
 
     binary = None if args.binary_task == "none" else args.binary_task
     return run_pretraining(

@@ -31,6 +31,7 @@ import numpy as np
 from megabert.data.indexed import IndexedDatasetWriter
 from megabert.errors import UserError
 from megabert.lines import iter_lines, jsonl_records
+from megabert.tokenization import load_tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 INPUT_FORMATS = ("auto", "text", "jsonl")
@@ -203,18 +204,6 @@ def count_documents(
 # --------------------------------------------------------------------------------------------
 
 _worker_tokenizer: Any = None
-
-
-def load_tokenizer(spec: Any) -> Any:
-    """A tokenizer object from a path (folder or vocab.txt) or an object with ``encode_plain``."""
-    if hasattr(spec, "encode_plain"):
-        return spec
-    from megabert.tokenization import MegatronBertTokenizer
-
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer {path} does not exist (expected a folder or a vocab.txt)")
-    return MegatronBertTokenizer.from_pretrained(path)
 
 
 def tokenizer_vocab_size(tokenizer: Any) -> int:

@@ -222,5 +222,5 @@ def decode_predictions(
 
 
 def answer_texts(predictions: Mapping[str, QAPrediction]) -> dict[str, str]:
-    """``{id: answer text}``, the form :func:`megabert.train.metrics.squad_scores` takes."""
+    """``{id: answer text}``, the form :func:`megabert.train.jobs.metrics.squad_scores` takes."""
     return {qid: p.text for qid, p in predictions.items()}

@@ -1,4 +1,4 @@
-"""Fine-tuning and evaluation of the four task heads on the shared :class:`~megabert.train.trainer.Trainer`.
+"""Fine-tuning and evaluation of the four task heads on the shared :class:`~megabert.train.engine.trainer.Trainer`.
 
 :func:`finetune` trains a ``MegatronBertFor<Task>`` from a model folder (pretrained weights, or
 only its config and tokenizer with ``random_init``) on a training file, evaluates it on a
@@ -27,7 +27,7 @@ Early stopping ends the run after ``early_stopping_patience`` evaluations withou
 improvement of more than ``early_stopping_threshold``, through ``Trainer.request_stop`` (the
 run ends as at ``max_steps``: a checkpoint, no repeated evaluation).
 
-Under torch.distributed (``distributed=`` the hooks of :func:`megabert.train.parallel.setup_parallel`),
+Under torch.distributed (``distributed=`` the hooks of :func:`megabert.train.distributed.parallel.setup_parallel`),
 each data-parallel rank trains on its share of every global batch (``batch_size`` per rank);
 every rank evaluates the whole validation set (the ranks hold the same weights), and the
 best-model decision uses the metric averaged over the ranks, so all ranks take it together.
@@ -50,8 +50,8 @@ import torch
 from megabert.data.features import Collator
 from megabert.data.tasks import canonical_task
 from megabert.errors import UserError
-from megabert.train.checkpoint import CHECKPOINTS_DIR, CheckpointConfig
-from megabert.train.finetune_data import (
+from megabert.train.engine.checkpoint import CHECKPOINTS_DIR, CheckpointConfig
+from megabert.train.jobs.finetune_data import (
     DataOptions,
     QA,
     LabelScheme,
@@ -65,7 +65,7 @@ from megabert.train.finetune_data import (
     label_scheme_from_examples,
     read_split,
 )
-from megabert.train.finetune_eval import (
+from megabert.train.jobs.finetune_eval import (
     EvalOutput,
     TaskEvaluator,
     predictions_and_metrics,
@@ -73,28 +73,28 @@ from megabert.train.finetune_eval import (
     write_json,
     write_jsonl,
 )
-from megabert.train.finetune_model import (
+from megabert.train.jobs.finetune_model import (
     FINETUNE_FILE,
     build_model,
     check_model_fits,
     load_finetuned,
-    load_tokenizer,
     read_finetune_info,
     read_model_config,
     task_of_folder,
 )
-from megabert.train.logging import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsConfig
-from megabert.train.optim import SCHEDULES, OptimizerConfig, ScheduleConfig
-from megabert.train.trainer import (
+from megabert.train.engine.logging import CURVES_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsConfig
+from megabert.train.engine.optim import SCHEDULES, OptimizerConfig, ScheduleConfig
+from megabert.train.engine.trainer import (
     DistributedHooks,
     ResumableLoader,
     Trainer,
     TrainerCallback,
     TrainerConfig,
     TrainResult,
-    resolve_device,
     seed_everything,
 )
+from megabert.devices import resolve_device
+from megabert.tokenization import load_tokenizer
 from megabert.utils import atomic_folder, lock_output_folder
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class FinetuneConfig:
 
     Length: ``epochs`` over the training set, or ``max_steps`` optimizer updates when given.
     Evaluation every ``eval_every`` steps (default once per epoch) and at the end; the best
-    model by ``metric`` (default: :func:`~megabert.train.finetune_data.default_metric`) is kept.
+    model by ``metric`` (default: :func:`~megabert.train.jobs.finetune_data.default_metric`) is kept.
     Warmup: ``warmup_steps``, or ``warmup_ratio`` of all steps.
     """
 
@@ -422,7 +422,7 @@ def _finetune_locked(
     output_dir = Path(output)
     base_config = read_model_config(model_dir)
     data = data.fitted(base_config.max_position_embeddings)
-    tok = load_tokenizer(tokenizer if tokenizer is not None else model_dir)
+    tok = load_tokenizer(tokenizer, model_folder=model_dir)
     check_model_fits(base_config, tok, data.length, str(model_dir))
     resolve_device(config.device)
     replaced = _existing_outputs(output_dir, config)  # checked now, removed once the inputs are known good
@@ -579,7 +579,7 @@ def evaluate(
         raise UserError(f"batch size must be an integer >= 1, got {batch_size!r}")
     target = resolve_device(device)
     net = load_finetuned(task, folder, device=target)
-    tok = load_tokenizer(folder)
+    tok = load_tokenizer(model_folder=folder)
     check_model_fits(config, tok, data.length, str(folder))
     scheme = LabelScheme.from_config(task, net.config)
 

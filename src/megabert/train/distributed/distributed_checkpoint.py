@@ -1,6 +1,6 @@
 """Checkpoints of sharded runs (torch.distributed.checkpoint), resumable under another layout.
 
-A parallel checkpoint keeps the layout of :mod:`megabert.train.checkpoint` and adds one folder::
+A parallel checkpoint keeps the layout of :mod:`megabert.train.engine.checkpoint` and adds one folder::
 
     step-00000100/
       dcp/                 model + optimizer state, one file per rank plus .metadata (DCP): each
@@ -11,8 +11,8 @@ A parallel checkpoint keeps the layout of :mod:`megabert.train.checkpoint` and a
                            the layout it was written under
       trainer_state.json   readable position, model config, run signature; written last
 
-Every rank writes its own shards into ``.step-N.partial`` (the name the Trainer's cleanup
-removes), global rank 0 writes the rest and renames the folder into place when all is there.
+Every rank writes its own shards into ``.step-N.partial`` (the name the CheckpointManager's
+cleanup removes), global rank 0 writes the rest and renames the folder into place when all is there.
 
 Loading asks DCP for the tensors in the *current* layout (TP=2 shards resume as TP=1 whole
 tensors, DP=2 as DP=1, FSDP as DDP...): DCP reads the overlapping pieces of the saved shards.
@@ -20,6 +20,11 @@ A single-process checkpoint (no ``dcp/``) loads too: the full weights from ``mod
 optimizer's plain state dict, sharded on the way in. A resume may change the data-parallel
 size, the gradient accumulation and the per-rank batch as long as the samples per optimizer
 step stay the same; the data position is then converted through the samples consumed.
+
+Both are checkpoint formats of :class:`megabert.train.engine.checkpoint.CheckpointManager`,
+handed to it by the layout's hooks (``checkpoint_format()``): :class:`DCPFormat` for a run of
+several processes, :class:`AnyLayoutFormat` (the single-process format, loading any layout's
+checkpoint) for a job's single process. They see a ``TrainingSnapshot``, never the Trainer.
 """
 
 from __future__ import annotations
@@ -30,19 +35,28 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from megabert.errors import UserError
-from megabert.train import checkpoint as ckpt
-from megabert.train.trainer import TrainState
+from megabert.train.engine import checkpoint as ckpt
+from megabert.train.engine.checkpoint import TrainingSnapshot, TrainState
 
 if TYPE_CHECKING:
-    from megabert.train.parallel import ParallelContext
-    from megabert.train.trainer import Trainer
+    from megabert.train.engine.trainer import DistributedHooks
+
+
+class ProcessLayout(Protocol):
+    """What a checkpoint needs to know of the process layout (a ParallelContext has it)."""
+
+    rank: int
+    world_size: int
+    tp: int
+    is_main: bool
+    data_parallel: str  # "ddp" | "fsdp"
 
 DCP_DIR = "dcp"
 FORMAT = "dcp"
@@ -103,23 +117,17 @@ def full_weights(model: nn.Module, writeback: bool = False) -> Iterator[nn.Modul
 
 
 # ----------------------------------------------------------------------------- the layout
-def micro_batch_samples(trainer: "Trainer") -> int | None:
-    """Samples in one micro-batch over all data-parallel ranks, when the batch source says."""
-    value = getattr(trainer.source, "global_batch", None)
-    return int(value) if value is not None else None
-
-
-def layout_record(trainer: "Trainer", context: "ParallelContext | None") -> dict[str, Any]:
+def layout_record(snapshot: TrainingSnapshot, context: "ProcessLayout | None", data_parallel: int) -> dict[str, Any]:
     """How the run is split (stored with the checkpoint, compared on resume)."""
-    micro = micro_batch_samples(trainer)
+    micro = snapshot.micro_batch_samples
     return {
         "world_size": context.world_size if context is not None else 1,
-        "data_parallel": trainer.hooks.world_size,
+        "data_parallel": data_parallel,
         "tensor_parallel": context.tp if context is not None else 1,
-        "data_parallel_mode": context.config.data_parallel if context is not None else "ddp",
-        "grad_accum": trainer.config.grad_accum,
+        "data_parallel_mode": context.data_parallel if context is not None else "ddp",
+        "grad_accum": snapshot.grad_accum,
         "micro_batch_samples": micro,
-        "global_batch": micro * trainer.config.grad_accum if micro is not None else None,
+        "global_batch": micro * snapshot.grad_accum if micro is not None else None,
     }
 
 
@@ -142,10 +150,10 @@ def _saved_layout(info: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def _check_resumable(folder: Path, info: dict[str, Any], trainer: "Trainer") -> None:
+def _check_resumable(folder: Path, info: dict[str, Any], snapshot: TrainingSnapshot) -> None:
     """UserError when the checkpoint is of another model or run (layout changes are allowed)."""
     problems = []
-    model_config = trainer.model_config_record()
+    model_config = snapshot.model_config
     if model_config is not None and info.get("model_config") is not None:
         saved_config = dict(info["model_config"])
         if model_config.get("problem_type") is None:
@@ -153,7 +161,7 @@ def _check_resumable(folder: Path, info: dict[str, Any], trainer: "Trainer") -> 
             saved_config["problem_type"] = None
         problems += ckpt.describe_differences(saved_config, model_config)
     saved = {k: v for k, v in (info.get("signature") or {}).items() if k not in LAYOUT_KEYS}
-    now = {k: v for k, v in trainer.signature().items() if k not in LAYOUT_KEYS}
+    now = {k: v for k, v in snapshot.signature.items() if k not in LAYOUT_KEYS}
     problems += ckpt.describe_differences(saved, now, ckpt.ADDED_SIGNATURE_KEYS)
     if problems:
         shown = "; ".join(problems[:6]) + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
@@ -198,70 +206,68 @@ def _publish(partial: Path, target: Path) -> None:
         shutil.rmtree(hidden, ignore_errors=True)
 
 
-def save_distributed_checkpoint(trainer: "Trainer", context: "ParallelContext") -> Path | None:
-    """Write checkpoint ``step`` of ``trainer`` from every rank; returns its folder (on rank 0).
+def save_distributed_checkpoint(
+    snapshot: TrainingSnapshot, target: Path, context: "ProcessLayout", hooks: "DistributedHooks"
+) -> Path | None:
+    """Write checkpoint folder ``target`` from every rank; returns it on global rank 0, else None.
 
-    Must be called on every rank (collectives). See the module docstring for the layout.
+    Must be called on every rank (collectives). See the module docstring for the layout; the
+    CheckpointManager prunes and waits for all ranks afterwards.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     main = context.is_main
-    step = trainer.state.step
-    target = trainer.checkpoint_dir / ckpt.checkpoint_name(step)
-    partial = trainer.checkpoint_dir / f".{target.name}.partial"
+    root = target.parent
+    partial = root / f".{target.name}.partial"
     if main:
-        trainer.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     dist.barrier()  # the folder exists before anyone writes into it
 
-    model_state, optimizer_state = get_state_dict(trainer.model, trainer.optimizer)
+    model_state, optimizer_state = get_state_dict(snapshot.model, snapshot.optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(partial / DCP_DIR))
-    rng_states = trainer.hooks.gather_object(ckpt.capture_rng_state())
-    layout = layout_record(trainer, context)
-    with full_weights(trainer.model):
+    rng_states = hooks.gather_object(ckpt.capture_rng_state())
+    layout = layout_record(snapshot, context, hooks.world_size)
+    with full_weights(snapshot.model):
         if main:
-            ckpt.save_model(trainer.model, partial / ckpt.MODEL_DIR)
-            if trainer.save_extras is not None:
-                trainer.save_extras(partial / ckpt.MODEL_DIR)
-    if main:
-        state = trainer.state
-        torch.save(
-            {
-                "scheduler": trainer.scheduler.state_dict(),
-                "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-                "rng": rng_states,
-                "position": {
-                    "step": state.step, "micro_batches": state.micro_batches,
-                    "samples": state.samples, "tokens": state.tokens,
-                },
-                "layout": layout,
-            },
-            partial / ckpt.STATE_FILE,
-        )
-        record = {
-            "format_version": ckpt.FORMAT_VERSION,
-            "format": FORMAT,
-            "step": step,
-            "saved_at": time.time(),
-            "micro_batches": state.micro_batches,
-            "samples": state.samples,
-            "tokens": state.tokens,
-            "train_seconds": state.train_seconds,
-            "precision": trainer.config.precision,
-            "model_config": trainer.model_config_record(),
-            "signature": trainer.signature(),
+            ckpt.save_model(snapshot.model, partial / ckpt.MODEL_DIR)
+            if snapshot.save_extras is not None:
+                snapshot.save_extras(partial / ckpt.MODEL_DIR)
+    if not main:
+        return None
+    position = snapshot.position
+    torch.save(
+        {
+            "scheduler": snapshot.scheduler.state_dict(),
+            "scaler": snapshot.scaler.state_dict() if snapshot.scaler is not None else None,
+            "rng": rng_states,
+            "position": ckpt.position_record(position),
             "layout": layout,
-            # Every rank's shards are written (dcp.save returned on all of them): sizes for resume checks.
-            "files": ckpt.file_sizes(partial),
-        }
-        text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
-        (partial / ckpt.INFO_FILE).write_text(text, encoding="utf-8")  # last: marks the folder complete
-        _publish(partial, target)
-        ckpt.prune_checkpoints(trainer.checkpoint_dir, trainer.checkpoint_config.keep_last)
-    dist.barrier()
-    return target if main else None
+        },
+        partial / ckpt.STATE_FILE,
+    )
+    record = {
+        "format_version": ckpt.FORMAT_VERSION,
+        "format": FORMAT,
+        "step": position.step,
+        "saved_at": time.time(),
+        "micro_batches": position.micro_batches,
+        "samples": position.samples,
+        "tokens": position.tokens,
+        "train_seconds": position.train_seconds,
+        "precision": snapshot.precision,
+        "model_config": snapshot.model_config,
+        "signature": snapshot.signature,
+        "layout": layout,
+        # Every rank's shards are written (dcp.save returned on all of them): sizes for resume checks.
+        "files": ckpt.file_sizes(partial),
+    }
+    text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+    (partial / ckpt.INFO_FILE).write_text(text, encoding="utf-8")  # last: marks the folder complete
+    _publish(partial, target)
+    return target
 
 
 # ----------------------------------------------------------------------------------- load
@@ -276,21 +282,23 @@ def _optimizer_state_by_name(plain: dict[str, Any], model: nn.Module, optimizer:
     return {"state": state, "param_groups": groups}
 
 
-def load_any_checkpoint(trainer: "Trainer", folder: str | os.PathLike, context: "ParallelContext | None") -> None:
-    """Restore ``trainer`` from a parallel or single-process checkpoint, in the current layout.
+def load_any_checkpoint(
+    folder: str | os.PathLike, snapshot: TrainingSnapshot, context: "ProcessLayout | None", data_parallel: int = 1
+) -> TrainState:
+    """Restore ``snapshot`` from a parallel or single-process checkpoint, in the current layout.
 
     Weights and optimizer state are re-sharded for this run's mesh; the scheduler, grad scaler,
-    RNG state (this rank's when the world size is unchanged, else rank 0's) and the data
-    position (converted through the samples consumed when the layout changed) are restored.
+    RNG state (this rank's when the world size is unchanged, else rank 0's) are restored and
+    the data position returned (converted through the samples consumed when the layout changed).
     Every rank must call it.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict, set_state_dict
 
     folder = Path(folder)
     info = ckpt.read_info(folder)
-    _check_resumable(folder, info, trainer)
+    _check_resumable(folder, info, snapshot)
     state = ckpt.load_state(folder)
-    model, optimizer = trainer.model, trainer.optimizer
+    model, optimizer = snapshot.model, snapshot.optimizer
     implementation = [{k: g[k] for k in _IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
     if (folder / DCP_DIR).is_dir():
         import torch.distributed.checkpoint as dcp
@@ -312,23 +320,37 @@ def load_any_checkpoint(trainer: "Trainer", folder: str | os.PathLike, context: 
     # a fused single-process optimizer's groups must not switch a DTensor run to the fused kernel.
     for group, flags in zip(optimizer.param_groups, implementation):
         group.update(flags)
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    if trainer.scaler is not None and state.get("scaler"):
-        trainer.scaler.load_state_dict(state["scaler"])
+    snapshot.scheduler.load_state_dict(state["scheduler"])
+    if snapshot.scaler is not None and state.get("scaler"):
+        snapshot.scaler.load_state_dict(state["scaler"])
 
     world = context.world_size if context is not None else 1
     rank = context.rank if context is not None else 0
     rng_states = state["rng"]
     ckpt.restore_rng_state(rng_states[rank] if len(rng_states) == world else rng_states[0])
 
-    position = state["position"]
-    now = layout_record(trainer, context)
-    micro_batches = _resume_position(folder, _saved_layout(info, state), now, position)
-    trainer.state = TrainState(
-        step=int(position["step"]),
-        micro_batches=micro_batches,
-        samples=int(position["samples"]),
-        tokens=int(position["tokens"]),
-        train_seconds=float(info.get("train_seconds", 0.0)),
-    )
-    # (The Trainer sets resumed_from and cuts the metrics log back to this step.)
+    now = layout_record(snapshot, context, data_parallel)
+    micro_batches = _resume_position(folder, _saved_layout(info, state), now, state["position"])
+    return ckpt.saved_position(state["position"], info, micro_batches)
+
+
+# -------------------------------------------------------------------------------- formats
+class AnyLayoutFormat(ckpt.SingleProcessFormat):
+    """The single-process format, which loads a checkpoint of any layout (a parallel run's too)."""
+
+    def __init__(self, hooks: "DistributedHooks", context: "ProcessLayout | None" = None) -> None:
+        super().__init__(hooks)
+        self.context = context
+
+    def load(self, folder: Path, snapshot: TrainingSnapshot) -> TrainState:
+        return load_any_checkpoint(folder, snapshot, self.context, self.hooks.world_size)
+
+
+class DCPFormat(AnyLayoutFormat):
+    """Every rank writes its shards (torch.distributed.checkpoint); see the module docstring."""
+
+    def __init__(self, hooks: "DistributedHooks", context: "ProcessLayout") -> None:
+        super().__init__(hooks, context)
+
+    def save(self, snapshot: TrainingSnapshot, target: Path) -> Path | None:
+        return save_distributed_checkpoint(snapshot, target, self.context, self.hooks)

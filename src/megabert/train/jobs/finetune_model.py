@@ -19,31 +19,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from megabert import task_table
 from megabert.config import MegatronBertConfig
 from megabert.data.tasks import canonical_task
 from megabert.errors import UserError
-from megabert.train.finetune_data import QA, LabelScheme
+from megabert.train.jobs.finetune_data import CHOICE, QA, LabelScheme
 
 logger = logging.getLogger(__name__)
 
 FINETUNE_FILE = "finetune.json"  # inside best/: how the model was fine-tuned (read by evaluate)
-# The weights a task head adds on top of the encoder.
-HEAD_PREFIXES = {
-    "sequence-classification": "classifier.",
-    "token-classification": "classifier.",
-    "multiple-choice": "classifier.",
-    "question-answering": "qa_outputs.",
+# The weights a task head adds on top of the encoder, by fine-tuning task (a view of megabert.task_table).
+HEAD_PREFIXES: dict[str, str] = {
+    task.name: task_table.HEADS[task.head][0] for task in task_table.tasks(task_table.FINETUNE) if task.head
 }
-
-
-def load_tokenizer(path: str | os.PathLike) -> Any:
-    """The tokenizer of a model folder (or a tokenizer folder / vocab.txt)."""
-    from megabert.tokenization import MegatronBertTokenizer
-
-    try:
-        return MegatronBertTokenizer.from_pretrained(path)
-    except FileNotFoundError as exc:
-        raise UserError(f"{exc}; pass --tokenizer DIR if the model folder has no tokenizer files") from None
+task_table.check_covers(HEAD_PREFIXES, task_table.FINETUNE, "megabert.train.jobs.finetune_model.HEAD_PREFIXES")
 
 
 def read_model_config(model_dir: str | os.PathLike) -> MegatronBertConfig:
@@ -116,7 +105,7 @@ def build_model(
     prefix = HEAD_PREFIXES[task]
     own = model.state_dict()
     head = {k: v for k, v in state.items() if k.startswith(prefix)}
-    same_labels = task in (QA, "multiple-choice") or (
+    same_labels = task in (QA, CHOICE) or (
         old.id2label == config.id2label and old.problem_type in (None, config.problem_type)
     )
     wanted = [k for k in own if k.startswith(prefix)]
@@ -128,16 +117,13 @@ def build_model(
 
 def task_of_folder(folder: Path, config: MegatronBertConfig) -> str | None:
     """The task a fine-tuned folder was trained for: from finetune.json, else its architecture."""
-    from megabert.modeling.heads import MODEL_CLASSES
-
     info = read_finetune_info(folder)
     if info.get("task"):
         return str(info["task"])
-    by_class = {cls.__name__: name for name, cls in MODEL_CLASSES.items()}
     for name in config.architectures or []:
-        task = by_class.get(name)
-        if task in HEAD_PREFIXES:
-            return task
+        task = task_table.task_of_class(name)
+        if task is not None and task.finetune:
+            return task.name
     return None
 
 

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from megabert import task_table
 from megabert.data.features import FeatureSet, encode_examples
 from megabert.data.tasks import (
     MULTIPLE_CHOICE_FORMATS,
@@ -36,12 +37,13 @@ from megabert.data.tasks import (
     read_examples,
 )
 from megabert.errors import UserError
-from megabert.train.metrics import is_bio_tagset
+from megabert.train.jobs.metrics import is_bio_tagset
 
 SEQUENCE = "sequence-classification"
 TOKEN = "token-classification"
 QA = "question-answering"
 CHOICE = "multiple-choice"
+task_table.check_covers((SEQUENCE, TOKEN, QA, CHOICE), task_table.FINETUNE, "megabert.train.jobs.finetune_data's tasks")
 
 DEFAULT_MAX_LENGTH = 128
 # Reader options that only sequence classification takes (the column layout of a table).

@@ -14,6 +14,12 @@ The folder is assembled under a temporary name and renamed into place only when 
 leaves either the new checkpoint or none, never a half-written one; :func:`list_checkpoints`
 also ignores any folder that lacks ``trainer_state.json``. Old checkpoints are removed by a
 rename to a hidden name first, so a kill during deletion cannot leave a broken one visible.
+
+One capability serves one process and many: a :class:`CheckpointManager` (a run's checkpoint
+config, its output folder and its process layout) saves, finds, resumes and prunes. The
+Trainer hands it a :class:`TrainingSnapshot` of its state; the on-disk format behind it is the
+layout's (``DistributedHooks.checkpoint_format()``): :class:`SingleProcessFormat` here, the
+sharded DCP format of :mod:`megabert.train.distributed.distributed_checkpoint` under torchrun.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -35,12 +42,20 @@ from torch import nn
 from megabert.errors import UserError
 from megabert.utils import atomic_folder
 
+if TYPE_CHECKING:
+    from megabert.train.engine.trainer import DistributedHooks
+
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 STATE_FILE = "trainer_state.pt"
 INFO_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step-(\d+)$")
 FORMAT_VERSION = 1
+# Config keys that describe how a model is run or saved, not what it is: a resume may change them.
+_RUNTIME_CONFIG_KEYS = ("architectures", "torch_dtype", "return_dict", "output_attentions", "output_hidden_states", "use_cache")
+# Config keys a model fills in on its first forward pass when unset (a classification head sets
+# problem_type from its labels): a checkpoint may hold them where a fresh model does not yet.
+_FIRST_FORWARD_CONFIG_KEYS = ("problem_type",)
 
 
 class IncompatibleCheckpoint(UserError):
@@ -62,6 +77,57 @@ class CheckpointConfig:
             raise UserError(f"save every must be >= 0 steps, got {self.save_every}")
         if self.keep_last < 1:
             raise UserError(f"keep last must be >= 1 checkpoint, got {self.keep_last}")
+
+
+@dataclass
+class TrainState:
+    """Where the run is: restored exactly by a resume."""
+
+    step: int = 0  # optimizer updates done
+    micro_batches: int = 0  # micro-batches consumed from the batch source (the data position)
+    samples: int = 0  # examples consumed (all ranks)
+    tokens: int = 0  # real tokens consumed (all ranks)
+    train_seconds: float = 0.0  # time spent in the loop, over all sessions
+
+
+@dataclass
+class TrainingSnapshot:
+    """What a checkpoint takes from a run and gives back (from :meth:`Trainer.snapshot`).
+
+    The objects are the run's own: a save reads them, a load restores them in place (and the
+    RNG states) and returns the restored position.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # an LR scheduler (state_dict / load_state_dict)
+    scaler: Any | None  # torch.amp.GradScaler under fp16, else None
+    position: TrainState
+    precision: str
+    model_config: dict[str, Any] | None  # model_config_record(model): what a resume must match
+    signature: dict[str, Any]  # the run settings a resume must not change
+    grad_accum: int
+    micro_batch_samples: int | None = None  # samples per micro-batch over all DP ranks, if the source says
+    save_extras: Callable[[Path], None] | None = None  # adds files beside the weights (the tokenizer)
+
+
+def model_config_record(model: nn.Module) -> dict[str, Any] | None:
+    """The model config as a checkpoint records it (what a resume must match), or None."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    values = {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_CONFIG_KEYS}
+    return json.loads(json.dumps(values, default=str))  # the form it has after a JSON round trip
+
+
+def position_record(position: TrainState) -> dict[str, int]:
+    """The data position as trainer_state.pt stores it."""
+    return {
+        "step": position.step,
+        "micro_batches": position.micro_batches,
+        "samples": position.samples,
+        "tokens": position.tokens,
+    }
 
 
 def checkpoint_name(step: int) -> str:
@@ -413,3 +479,158 @@ def check_compatible(
             f"cannot resume from {folder}: it was written for a different configuration ({shown}). "
             "Resume with the same settings, or start a new run in another output folder."
         )
+
+
+# ------------------------------------------------------------------- formats and manager
+class CheckpointFormat(Protocol):
+    """How one process layout writes a checkpoint folder and reads one back."""
+
+    def save(self, snapshot: TrainingSnapshot, target: Path) -> Path | None:
+        """Write checkpoint folder ``target`` (every rank calls it); the folder on the main rank, else None."""
+        ...
+
+    def load(self, folder: Path, snapshot: TrainingSnapshot) -> TrainState:
+        """Restore ``snapshot``'s objects and the RNG states from ``folder`` (every rank); the saved position."""
+        ...
+
+
+class SingleProcessFormat:
+    """The layout of this module's docstring: the main rank writes everything, the others wait.
+
+    ``hooks`` (the run's :class:`DistributedHooks`) gathers every rank's RNG state and
+    (de)serialises the optimizer. A load accepts only a checkpoint of the same model and
+    signature (world size and grad accum included).
+    """
+
+    def __init__(self, hooks: "DistributedHooks") -> None:
+        self.hooks = hooks
+
+    def save(self, snapshot: TrainingSnapshot, target: Path) -> Path | None:
+        hooks, position = self.hooks, snapshot.position
+        rng_states = hooks.gather_object(capture_rng_state())
+        state = {
+            "optimizer": hooks.optimizer_state_dict(snapshot.optimizer),
+            "scheduler": snapshot.scheduler.state_dict(),
+            "scaler": snapshot.scaler.state_dict() if snapshot.scaler is not None else None,
+            "rng": rng_states,
+            "position": position_record(position),
+        }
+        if not hooks.is_main:
+            return None
+        info = {
+            "micro_batches": position.micro_batches,
+            "samples": position.samples,
+            "tokens": position.tokens,
+            "train_seconds": position.train_seconds,
+            "precision": snapshot.precision,
+            "model_config": snapshot.model_config,
+            "signature": snapshot.signature,
+        }
+        return save_checkpoint(target.parent, position.step, snapshot.model, state, info, snapshot.save_extras)
+
+    def load(self, folder: Path, snapshot: TrainingSnapshot) -> TrainState:
+        info = read_info(folder)
+        current = snapshot.model_config
+        saved_config = info.get("model_config")
+        if current is not None and isinstance(saved_config, dict):
+            for key in _FIRST_FORWARD_CONFIG_KEYS:
+                if current.get(key) is None or saved_config.get(key) is None:
+                    info = {**info, "model_config": {**saved_config, key: current.get(key)}}
+                    saved_config = info["model_config"]
+        check_compatible(folder, info, current, snapshot.signature)
+        load_model_weights(snapshot.model, folder / MODEL_DIR)
+        state = load_state(folder)
+        self.hooks.load_optimizer_state_dict(snapshot.optimizer, state["optimizer"])
+        snapshot.scheduler.load_state_dict(state["scheduler"])
+        if snapshot.scaler is not None and state.get("scaler"):
+            snapshot.scaler.load_state_dict(state["scaler"])
+        rng_states, rank = state["rng"], self.hooks.rank
+        restore_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
+        return saved_position(state["position"], info)
+
+
+def saved_position(position: Mapping[str, Any], info: Mapping[str, Any], micro_batches: int | None = None) -> TrainState:
+    """The TrainState a checkpoint recorded (``micro_batches``: the data position converted to this layout)."""
+    return TrainState(
+        step=int(position["step"]),
+        micro_batches=int(position["micro_batches"]) if micro_batches is None else micro_batches,
+        samples=int(position["samples"]),
+        tokens=int(position["tokens"]),
+        train_seconds=float(info.get("train_seconds", 0.0)),
+    )
+
+
+class CheckpointManager:
+    """The checkpoints of one run, for one process or many: save, load, latest, resume.
+
+    ``OUT/checkpoints`` holds them; ``layout`` (the run's :class:`DistributedHooks`) says which
+    rank writes and, through ``layout.checkpoint_format()``, the on-disk format. It works on a
+    :class:`TrainingSnapshot`, never on the Trainer.
+    """
+
+    def __init__(self, config: CheckpointConfig, output_dir: str | os.PathLike, layout: "DistributedHooks") -> None:
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.folder = self.output_dir / CHECKPOINTS_DIR
+        self.layout = layout
+        self.format: CheckpointFormat = layout.checkpoint_format()
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        return latest_checkpoint(self.folder)
+
+    def clean_partial(self) -> None:
+        """Remove what a killed save or prune left behind (the main rank calls it)."""
+        clean_partial(self.folder)
+
+    def save(self, snapshot: TrainingSnapshot) -> Path | None:
+        """Write checkpoint ``snapshot.position.step`` and keep the last ``keep_last`` (every rank calls it).
+
+        Returns the folder on the main rank, None on the others; all ranks return once it is in place.
+        """
+        folder = self.format.save(snapshot, self.folder / checkpoint_name(snapshot.position.step))
+        if self.layout.is_main:
+            prune_checkpoints(self.folder, self.config.keep_last)
+        self.layout.barrier()
+        return folder
+
+    def load(self, folder: str | os.PathLike, snapshot: TrainingSnapshot) -> TrainState:
+        """Restore ``snapshot`` from ``folder`` (every rank calls it); returns the saved position."""
+        return self.format.load(Path(folder), snapshot)
+
+    def resume(self, snapshot: TrainingSnapshot) -> tuple[Path, TrainState] | None:
+        """Restore ``snapshot`` from the checkpoint ``config.resume`` names; (folder, position), or None.
+
+        None is a fresh start, refused when ``OUT/checkpoints`` already holds a run's checkpoints.
+        ``--resume auto`` passes over damaged checkpoints (:func:`resolve_resume`) and says so.
+        """
+        folder = resolve_resume(self.config.resume, self.output_dir, self._on_damaged)
+        if folder is None:
+            existing = self.latest()
+            if existing is not None:
+                raise UserError(
+                    f"{self.output_dir} already holds checkpoints of a run (latest {existing.name}): pass "
+                    "--resume auto to continue it, or choose another output folder"
+                )
+            return None
+        try:
+            return folder, self.load(folder, snapshot)
+        except IncompatibleCheckpoint:
+            raise
+        except UserError as exc:
+            # A file that passed the cheap checks but does not load (garbled contents): name an
+            # older checkpoint to try. Not tried here: the failed load may have changed some state.
+            earlier = previous_checkpoint(folder)
+            if earlier is None:
+                raise
+            raise UserError(f"{exc}; the checkpoint before it, {earlier}, looks intact: resume from it with --resume {earlier}") from None
+
+    def _on_damaged(self, damaged: Path, why: str, instead: Path | None) -> None:
+        """``--resume auto`` passes over a damaged checkpoint: say which, why, and what is used instead."""
+        if self.layout.is_main:
+            print(
+                f"warning: checkpoint {damaged} is damaged ({why}); resuming from the previous intact one, "
+                f"{instead}, instead (the steps after it are trained again)",
+                file=sys.stderr,
+                flush=True,
+            )

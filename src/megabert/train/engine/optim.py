@@ -41,10 +41,11 @@ class OptimizerConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     # torch's fused AdamW kernel: one pass per parameter instead of a dozen (on CPU the foreach
-    # implementation loops over the parameters, about 0.8 s a step at base size against 0.1 s).
+    # implementation loops over the parameters; docs/measurements.md has the figures).
     # None: fused when every parameter is a plain CPU/CUDA float tensor, else foreach (DTensor
     # shards of tensor parallelism / FSDP). The fused kernel leaves the weights' version counters
-    # alone; the model's fused-QKV cache also keys on the optimizer step count, so it stays fresh.
+    # alone; the Trainer has the model's cached fused-QKV weights dropped after every step
+    # (megabert.fast_paths.watch_optimizer).
     fused: bool | None = None
 
     def validate(self) -> None:

@@ -28,13 +28,13 @@ Faults: the process group has a timeout (``--dist-timeout``), and a heartbeat th
 message naming it, within ``--heartbeat-timeout`` seconds, even while they wait in a
 collective (see :class:`Heartbeat`).
 
-The model code needs nothing from this module; the one thing set from outside is each
-attention block's ``num_heads`` (its local head count under TP).
+The model code needs nothing from this module: the plan is applied to a built model from
+outside (``parallelize_module``, ``fully_shard``), and the attention blocks take their local head
+count from the width of their sharded projections.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import math
@@ -49,8 +49,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megabert.devices import resolve_device
 from megabert.errors import RunError, UserError
-from megabert.train.trainer import Batch, DistributedHooks, ResumableLoader, as_batch_source
+from megabert.train.distributed.distributed_checkpoint import AnyLayoutFormat, DCPFormat, full_weights
+from megabert.train.engine.checkpoint import CheckpointFormat
+from megabert.train.engine.trainer import Batch, DistributedHooks, ResumableLoader, as_batch_source
 
 T = TypeVar("T")
 
@@ -68,7 +71,7 @@ class PeerFailure(RunError):
 # ------------------------------------------------------------------------------ settings
 @dataclass
 class ParallelConfig:
-    """How the run is split over processes (the command-line options of :func:`add_parallel_arguments`)."""
+    """How the run is split over processes (the training commands' ``distributed`` options)."""
 
     tensor_parallel: int = 1  # ranks sharing one model replica (heads, MLP columns, vocabulary)
     data_parallel: str = "ddp"  # ddp | fsdp (how the data-parallel replicas sync)
@@ -90,36 +93,6 @@ class ParallelConfig:
             raise UserError(f"--dist-timeout must be a positive number of seconds, got {self.timeout_s!r}")
         if not self.heartbeat_timeout_s >= 0:
             raise UserError(f"--heartbeat-timeout must be >= 0 seconds (0: off), got {self.heartbeat_timeout_s!r}")
-
-
-def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``distributed`` option group (--tensor-parallel, --data-parallel, timeouts)."""
-    group = parser.add_argument_group(
-        "distributed (launch with torchrun; world size = tensor parallel x data parallel)"
-    )
-    group.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
-                       help="ranks that split each layer (attention heads, MLP, vocabulary) (default 1)")
-    group.add_argument("--data-parallel", choices=DATA_PARALLEL_MODES, default="ddp",
-                       help="ddp: full replicas, gradients all-reduced; fsdp: parameters, gradients and "
-                            "optimizer state sharded over the data-parallel ranks (default ddp)")
-    group.add_argument("--replicate-vocab", action="store_true",
-                       help="keep the word embeddings / MLM decoder whole on every tensor-parallel rank")
-    group.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
-                       help="fail a collective that waits longer than this (default 600)")
-    group.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="SECONDS",
-                       help="stop all ranks when one is silent this long (died or frozen; 0: off; default 60)")
-
-
-def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
-    """The :class:`ParallelConfig` of parsed arguments (missing options take their defaults)."""
-    return ParallelConfig(
-        tensor_parallel=getattr(args, "tensor_parallel", 1),
-        data_parallel=getattr(args, "data_parallel", "ddp"),
-        replicate_vocab=getattr(args, "replicate_vocab", False),
-        timeout_s=getattr(args, "dist_timeout", 600.0),
-        heartbeat_timeout_s=getattr(args, "heartbeat_timeout", 60.0),
-        device=getattr(args, "device", "auto") or "auto",
-    )
 
 
 # --------------------------------------------------------------------------- layout checks
@@ -506,10 +479,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, shard_vocab: bool = Tr
             module._parameters[name] = shared
     for module in model.modules():
         if isinstance(module, MegatronBertSelfAttention):
-            if module.num_heads % tp:
-                raise UserError(f"--tensor-parallel {tp} does not divide the {module.num_heads} attention heads")
-            # The block reshapes (.., local heads * head_dim) with num_heads: its local count.
-            module.num_heads //= tp
+            # (check_tensor_parallel made sure the heads divide; the block's reshapes take the
+            # local head count from the sharded projections' width.)
             module.register_forward_pre_hook(_replicated_input(tp_mesh))
     base = getattr(model, getattr(model, "base_model_prefix", "bert"), model)
     if isinstance(base, nn.Module):
@@ -641,20 +612,11 @@ class ParallelHooks(DistributedHooks):
     def barrier(self) -> None:
         dist.barrier()
 
-    # Checkpoints of a sharded model are written by every rank (torch.distributed.checkpoint).
-    def save_checkpoint(self, trainer: Any) -> Any:
-        from megabert.train.distributed_checkpoint import save_distributed_checkpoint
-
-        return save_distributed_checkpoint(trainer, self.context)
-
-    def load_checkpoint(self, trainer: Any, folder: Any) -> None:
-        from megabert.train.distributed_checkpoint import load_any_checkpoint
-
-        load_any_checkpoint(trainer, folder, self.context)
+    def checkpoint_format(self) -> CheckpointFormat:
+        """Every rank writes its part (torch.distributed.checkpoint); loads any layout's checkpoint."""
+        return DCPFormat(self, self.context)
 
     def full_weights(self, model: nn.Module) -> ContextManager:
-        from megabert.train.distributed_checkpoint import full_weights
-
         return full_weights(model)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -665,10 +627,8 @@ class ParallelHooks(DistributedHooks):
 class SingleProcessHooks(DistributedHooks):
     """One process: the Trainer's defaults, plus loading checkpoints written by a parallel run."""
 
-    def load_checkpoint(self, trainer: Any, folder: Any) -> None:
-        from megabert.train.distributed_checkpoint import load_any_checkpoint
-
-        load_any_checkpoint(trainer, folder, None)
+    def checkpoint_format(self) -> CheckpointFormat:
+        return AnyLayoutFormat(self)
 
     def full_weights(self, model: nn.Module) -> ContextManager:
         return contextlib.nullcontext(model)
@@ -734,6 +694,11 @@ class ParallelContext:
     def is_main(self) -> bool:
         """Global rank 0: the rank that writes files and prints."""
         return self.rank == 0
+
+    @property
+    def data_parallel(self) -> str:
+        """"ddp" or "fsdp": how the data-parallel ranks hold the model."""
+        return self.config.data_parallel
 
     @property
     def tp_mesh(self) -> Any:
@@ -819,7 +784,6 @@ class ParallelContext:
         """
         from pathlib import Path
 
-        from megabert.train.distributed_checkpoint import full_weights
         from megabert.utils import atomic_folder
 
         with full_weights(model):
@@ -876,39 +840,21 @@ class ParallelContext:
         self.mesh = None
 
 
-def _resolve_rank_device(spec: str, local_rank: int) -> torch.device:
-    """auto -> cuda:LOCAL_RANK when CUDA is there, else cpu; cuda -> cuda:LOCAL_RANK."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UserError(f"unknown device {spec!r} (use auto, cpu or cuda)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {spec!r} was asked for, but this torch has no CUDA device available")
-        if device.index is None:
-            if local_rank >= torch.cuda.device_count():
-                raise UserError(
-                    f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; lower --nproc-per-node"
-                )
-            device = torch.device("cuda", local_rank)
-    return device
-
-
-def run_on_every_rank(args: Any, job: Callable[[Any], T], report: Callable[[T], int]) -> int:
+def run_on_every_rank(
+    config: ParallelConfig, job: Callable[[Any], T], report: Callable[[T], int], release_memory: bool = False
+) -> int:
     """Run ``job(hooks)`` on this rank (one process without torchrun), then ``report`` on rank 0.
 
-    The shared body of the training commands: keep freed memory for reuse (unless
-    ``--release-memory``), set up the process group from the arguments, run under the fault
-    guard, and leave the group. When the job fails, leaving must not
-    replace the error the user needs to see (the peers may already be gone).
+    The shared body of the training jobs: keep freed memory for reuse (unless
+    ``release_memory``), set up the process group, run under the fault guard, and leave the
+    group. When the job fails, leaving must not replace the error the user needs to see (the
+    peers may already be gone).
     """
-    if not getattr(args, "release_memory", True):
-        from megabert.train.allocator import keep_freed_memory
+    if not release_memory:
+        from megabert.train.engine.allocator import keep_freed_memory
 
         keep_freed_memory()  # no page faults re-mapping each step's large tensors (see there)
-    ctx = setup_parallel(args)  # a single process without torchrun; a (dp, tp) mesh under it
+    ctx = setup_parallel(config)  # a single process without torchrun; a (dp, tp) mesh under it
     try:
         with ctx.guard():
             result = job(ctx.hooks)
@@ -920,19 +866,18 @@ def run_on_every_rank(args: Any, job: Callable[[Any], T], report: Callable[[T], 
     return report(result) if ctx.is_main else 0  # rank 0 prints the summary
 
 
-def setup_parallel(args: argparse.Namespace | ParallelConfig) -> ParallelContext:
+def setup_parallel(config: ParallelConfig) -> ParallelContext:
     """Join the process group torchrun describes (env RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
     Builds the ``(dp, tp)`` device mesh and starts the heartbeat. Without torchrun (no
     WORLD_SIZE, or 1) it returns a single-process context. Bad settings (TP not dividing the
     world, a missing GPU, missing env variables) raise UserError before any collective.
     """
-    config = args if isinstance(args, ParallelConfig) else parallel_config_from_args(args)
     config.validate()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 and not dist.is_initialized():
         mesh_shape(1, config.tensor_parallel)
-        return ParallelContext(config, 0, 1, 0, _resolve_rank_device(config.device, 0))
+        return ParallelContext(config, 0, 1, 0, resolve_device(config.device, local_rank=0))
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing and not dist.is_initialized():
         raise UserError(
@@ -942,7 +887,7 @@ def setup_parallel(args: argparse.Namespace | ParallelConfig) -> ParallelContext
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dp, tp = mesh_shape(world_size, config.tensor_parallel)
-    device = _resolve_rank_device(config.device, local_rank)
+    device = resolve_device(config.device, local_rank=local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -960,29 +905,3 @@ def setup_parallel(args: argparse.Namespace | ParallelConfig) -> ParallelContext
         heartbeat.start()
     dist.barrier()  # every heartbeat key exists before anyone reads them
     return ParallelContext(config, rank, world_size, local_rank, device, mesh, heartbeat)
-
-
-def load_megatron_model(src: str | os.PathLike, model_class: type | None = None) -> nn.Module:
-    """A Megatron-LM BERT checkpoint (any TP x PP split) as a whole fp32 model, ready for :meth:`wrap_model`.
-
-    The shards are merged by megabert's converter (into a temporary folder of this process,
-    so no shared file system is needed), so a checkpoint saved at TP=T starts a TP=T run --
-    or any other layout -- directly. ``model_class``: default ``MegatronBertForPreTraining``
-    when the checkpoint has the binary (NSP/SOP) head, else ``MegatronBertForMaskedLM``.
-    """
-    import tempfile
-    from pathlib import Path
-
-    from megabert.convert.megatron_lm import convert_megatron_to_hf
-
-    with tempfile.TemporaryDirectory(prefix="megabert-megatron-") as scratch:
-        folder = convert_megatron_to_hf(src, Path(scratch) / "hf")
-        if model_class is None:
-            from megabert.config import MegatronBertConfig
-            from megabert.modeling import heads
-
-            config = MegatronBertConfig.from_pretrained(folder)
-            name = (config.architectures or ["MegatronBertForPreTraining"])[0]
-            model_class = getattr(heads, name, heads.MegatronBertForPreTraining)
-        # float32: training keeps fp32 weights (bf16/fp16 run under autocast).
-        return model_class.from_pretrained(folder, dtype=torch.float32).train()

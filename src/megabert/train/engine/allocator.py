@@ -3,9 +3,8 @@
 glibc's malloc serves blocks above a threshold (dynamic, at most 32 MB) with a fresh ``mmap``
 and unmaps them when they are freed; it also trims the top of the heap when enough of it is
 free. A training step frees and re-allocates activation and gradient tensors of tens of MB
-all the time, so each step pays a page fault for every 4 KB of them again: on this project's
-VMs a 94 MB zero-filled tensor took 40-280 ms instead of 8, and a tiny-model step (30k
-vocabulary) spent about a fifth of its time there. Turning both off (``mallopt(M_MMAP_MAX, 0)``, a huge
+all the time, so each step pays a page fault for every 4 KB of them again (what that costs
+on the machines measured: docs/measurements.md). Turning both off (``mallopt(M_MMAP_MAX, 0)``, a huge
 ``M_TRIM_THRESHOLD``) keeps freed blocks for the next step. The cost: the resident memory stays
 at the run's peak between steps. The environment variables ``MALLOC_MMAP_MAX_`` /
 ``MALLOC_TRIM_THRESHOLD_`` do the same from outside; the training commands call
@@ -54,13 +53,3 @@ def keep_freed_memory() -> bool:
     # mallopt takes an int: 2 GB is the largest trim threshold it can express, above the free
     # space a step leaves at the top of the heap at the sizes that run on a CPU.
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def add_memory_argument(parser) -> None:  # type: ignore[no-untyped-def]
-    """Add ``--release-memory`` (opt out of :func:`keep_freed_memory`) to a training command."""
-    parser.add_argument(
-        "--release-memory", action="store_true",
-        help="give freed memory back to the OS at once (glibc's default). By default a training run "
-             "keeps it for the next step, which saves the page faults of re-mapping large tensors "
-             "(about 10%% of a tiny-model CPU step, measured) but holds the resident memory at its peak",
-    )

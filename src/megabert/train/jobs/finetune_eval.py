@@ -3,7 +3,7 @@
 - :func:`run_model` -- batched forward passes (rows of similar length batched together), the
   per-row outputs trimmed to the row's tokens, and the mean validation loss.
 - :func:`predictions_and_metrics` -- per-example prediction records (what the predictions
-  JSONL holds) and the task's metrics (:func:`megabert.train.metrics.compute_metrics`).
+  JSONL holds) and the task's metrics (:func:`megabert.train.jobs.metrics.compute_metrics`).
 - :class:`TaskEvaluator` -- both together as the trainer's ``eval_fn``; it keeps the last
   evaluation's records so that the best one can be written next to the best model.
 - :func:`write_json` / :func:`write_jsonl` -- atomic writers (NaN becomes null).
@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 from megabert.data.features import Collator, FeatureSet, word_predictions
 from megabert.data.tasks import qa_references
 from megabert.inference.qa_decoding import answer_texts, decode_predictions
-from megabert.train.finetune_data import CHOICE, QA, SEQUENCE, TOKEN, DataOptions, LabelScheme, metric_kind
-from megabert.train.metrics import compute_metrics
+from megabert.train.jobs.finetune_data import CHOICE, QA, SEQUENCE, TOKEN, DataOptions, LabelScheme, metric_kind
+from megabert.train.jobs.metrics import compute_metrics
 from megabert.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def predictions_and_metrics(
 ) -> EvalOutput:
     """Decode ``outputs`` into one record per example, and score them when ``labeled``.
 
-    The metrics are those of :func:`megabert.train.metrics.compute_metrics` for the task, plus
+    The metrics are those of :func:`megabert.train.jobs.metrics.compute_metrics` for the task, plus
     ``loss`` when the model computed one.
     """
     kind = metric_kind(scheme)
@@ -252,7 +252,7 @@ def _finite(value: float) -> float | None:
 class TaskEvaluator:
     """The trainer's ``eval_fn``: validation metrics of the model; keeps the last records.
 
-    Called by :meth:`megabert.train.trainer.Trainer.evaluate` in eval mode, without
+    Called by :meth:`megabert.train.engine.trainer.Trainer.evaluate` in eval mode, without
     gradients and under the training precision.
     """
 

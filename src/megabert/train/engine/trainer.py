@@ -13,8 +13,8 @@ passed in:
   saved and restored around it (so evaluating never changes the training run);
 * ``distributed`` -- :class:`DistributedHooks`: how to wrap the module (DDP...), skip gradient
   sync on accumulation micro-batches, clip a sharded gradient, reduce metrics, agree to stop,
-  gather RNG states, write / read checkpoints of a sharded model, and which rank writes files.
-  The defaults are the single-process behaviour;
+  gather RNG states, the checkpoint format (a sharded model's ranks each write their part), and
+  which rank writes files. The defaults are the single-process behaviour;
 * ``callbacks`` -- :class:`TrainerCallback` objects told about steps, evaluations and saves;
   one may call :meth:`Trainer.request_stop` (early stopping).
 
@@ -27,7 +27,8 @@ Stopping: at ``max_steps``, at ``max_seconds``, at a :meth:`Trainer.request_stop
 SIGINT/SIGTERM (the current step finishes, a checkpoint is written, :meth:`Trainer.train`
 returns with ``interrupted=True``; a second signal stops at once). Resuming restores weights,
 optimizer, scheduler, scaler, RNG states and the data position, so the resumed losses equal the
-uninterrupted ones.
+uninterrupted ones. Checkpoints go through a :class:`~megabert.train.engine.checkpoint.CheckpointManager`,
+which the Trainer hands its state as a :meth:`Trainer.snapshot`.
 """
 
 from __future__ import annotations
@@ -49,18 +50,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from megabert.devices import resolve_device
 from megabert.errors import RunError, UserError
-from megabert.train import checkpoint as ckpt
-from megabert.train.logging import MetricsConfig, MetricsLogger
-from megabert.train.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
+from megabert.fast_paths import watch_optimizer
+from megabert.train.engine import checkpoint as ckpt
+from megabert.train.engine.checkpoint import TrainState
+from megabert.train.engine.logging import MetricsConfig, MetricsLogger
+from megabert.train.engine.optim import OptimizerConfig, ScheduleConfig, build_optimizer, build_scheduler
 
 Batch = Any  # usually a dict of tensors; anything the loss function accepts
 PRECISIONS = ("fp32", "bf16", "fp16")
-# Config keys that describe how a model is run or saved, not what it is: a resume may change them.
-_RUNTIME_CONFIG_KEYS = ("architectures", "torch_dtype", "return_dict", "output_attentions", "output_hidden_states", "use_cache")
-# Config keys a model fills in on its first forward pass when unset (a classification head sets
-# problem_type from its labels): a checkpoint may hold them where a fresh model does not yet.
-_FIRST_FORWARD_CONFIG_KEYS = ("problem_type",)
 
 
 class TrainingError(RunError):
@@ -107,17 +106,6 @@ class StepOutput:
     loss: torch.Tensor  # scalar, the value to minimise (mean over the micro-batch)
     metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)  # logged, averaged
     tokens: int | torch.Tensor | None = None  # real tokens processed (default: attention_mask sum)
-
-
-@dataclass
-class TrainState:
-    """Where the run is: restored exactly by a resume."""
-
-    step: int = 0  # optimizer updates done
-    micro_batches: int = 0  # micro-batches consumed from the batch source (the data position)
-    samples: int = 0  # examples consumed (all ranks)
-    tokens: int = 0  # real tokens consumed (all ranks)
-    train_seconds: float = 0.0  # time spent in the loop, over all sessions
 
 
 @dataclass
@@ -333,8 +321,8 @@ class DistributedHooks:
     built), :meth:`wrap` (e.g. DDP around the :class:`LossModule`),
     :meth:`no_sync`, :meth:`clip_grad_norm` (a sharded model needs a global norm),
     :meth:`all_reduce` (metrics), :meth:`any_rank` (agree to stop), :meth:`gather_object`
-    (RNG states for the checkpoint), :meth:`barrier`, and the optimizer state (de)serialisers.
-    Only ``is_main`` writes checkpoints, metrics and the progress bar.
+    (RNG states for the checkpoint), :meth:`barrier`, the optimizer state (de)serialisers and
+    :meth:`checkpoint_format`. Only ``is_main`` writes checkpoints, metrics and the progress bar.
     """
 
     rank: int = 0
@@ -382,17 +370,14 @@ class DistributedHooks:
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         optimizer.load_state_dict(state)
 
-    def save_checkpoint(self, trainer: "Trainer") -> Path | None:
-        """Write a checkpoint of ``trainer`` (called on every rank); returns its folder on the main rank.
+    def checkpoint_format(self) -> ckpt.CheckpointFormat:
+        """How this layout writes and reads checkpoints (asked once, by the CheckpointManager).
 
-        The default is :meth:`Trainer.write_checkpoint` (the main rank writes everything). A
-        sharded model (tensor parallel, FSDP) overrides this so that every rank writes its part.
+        The default is :class:`~megabert.train.engine.checkpoint.SingleProcessFormat` (the main
+        rank writes everything); torch.distributed's hooks give the sharded DCP format, in which
+        every rank writes its part.
         """
-        return trainer.write_checkpoint()
-
-    def load_checkpoint(self, trainer: "Trainer", folder: Path) -> None:
-        """Restore ``trainer`` from ``folder`` (every rank). Default: :meth:`Trainer.read_checkpoint`."""
-        trainer.read_checkpoint(folder)
+        return ckpt.SingleProcessFormat(self)
 
     def full_weights(self, model: nn.Module) -> ContextManager:
         """Context in which ``model`` holds whole (unsharded) weights, e.g. to save it; every rank enters it."""
@@ -445,19 +430,6 @@ class _Window:
         return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; a named device must exist."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UserError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {spec!r} was asked for, but this torch has no CUDA device available")
-    return device
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -503,13 +475,13 @@ class Trainer:
         self.save_extras = save_extras
         self.run_signature = dict(run_signature or {})
         self.output_dir = Path(config.output_dir)
-        self.checkpoint_dir = self.output_dir / ckpt.CHECKPOINTS_DIR
+        self.checkpoints = ckpt.CheckpointManager(self.checkpoint_config, self.output_dir, self.hooks)
 
         self.device = self.hooks.device or resolve_device(config.device)
         if config.precision == "fp16" and self.device.type != "cuda":
             raise UserError("fp16 training needs a CUDA device (it uses a gradient scaler); on CPU use bf16")
         if config.precision == "bf16" and self.device.type == "cpu" and self.hooks.is_main:
-            from megabert.modeling.cpu_matmul import upcast_is_faster
+            from megabert.fast_paths import upcast_is_faster
 
             if upcast_is_faster(torch.bfloat16):
                 print(
@@ -537,6 +509,8 @@ class Trainer:
             optimizer = optimizer or OptimizerConfig()
             self.optimizer = build_optimizer(model, optimizer)
             self.peak_lr = optimizer.lr
+        # The model's cached fused weights (CPU fast paths) go stale when a fused optimizer steps.
+        watch_optimizer(self.optimizer, model)
         self.scheduler = build_scheduler(self.optimizer, self.schedule_config, config.max_steps)
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -545,47 +519,19 @@ class Trainer:
         self.logger = MetricsLogger(self.output_dir, self.metrics_config) if self.hooks.is_main else None
         self.resumed_from: Path | None = None
         if self.hooks.is_main:
-            ckpt.clean_partial(self.checkpoint_dir)
-        resume = ckpt.resolve_resume(self.checkpoint_config.resume, self.output_dir, self._on_damaged_checkpoint)
-        if resume is not None:
-            try:
-                self.load_checkpoint(resume)
-            except ckpt.IncompatibleCheckpoint:
-                raise
-            except UserError as exc:
-                # A file that passed the cheap checks but does not load (garbled contents): name an
-                # older checkpoint to try. Not tried here: the failed load may have changed some state.
-                earlier = ckpt.previous_checkpoint(resume)
-                if earlier is None:
-                    raise
-                raise UserError(f"{exc}; the checkpoint before it, {earlier}, looks intact: resume from it with --resume {earlier}") from None
-            self.resumed_from = resume
+            self.checkpoints.clean_partial()
+        resumed = self.checkpoints.resume(self.snapshot())
+        if resumed is not None:
+            self.resumed_from, self.state = resumed
             if self.logger is not None:
                 self.logger.truncate_after(self.state.step)  # records past the checkpoint are redone
-        else:
-            existing = ckpt.latest_checkpoint(self.checkpoint_dir)
-            if existing is not None:
-                raise UserError(
-                    f"{self.output_dir} already holds checkpoints of a run (latest {existing.name}): pass "
-                    "--resume auto to continue it, or choose another output folder"
-                )
-            if self.logger is not None:
-                self.logger.truncate_after(0)  # records of an earlier attempt that never checkpointed
+        elif self.logger is not None:
+            self.logger.truncate_after(0)  # records of an earlier attempt that never checkpointed
         self.loss_module = self.hooks.wrap(LossModule(self.model, loss_fn or model_loss))
         self._stop_signal: int | None = None
         self._stop_request: str | None = None
 
     # ------------------------------------------------------------------ helpers
-    def _on_damaged_checkpoint(self, damaged: Path, why: str, instead: Path | None) -> None:
-        """``--resume auto`` passes over a damaged checkpoint: say which, why, and what is used instead."""
-        if self.hooks.is_main:
-            print(
-                f"warning: checkpoint {damaged} is damaged ({why}); resuming from the previous intact one, "
-                f"{instead}, instead (the steps after it are trained again)",
-                file=sys.stderr,
-                flush=True,
-            )
-
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ask the loop to stop after the current step (e.g. early stopping, from a callback).
 
@@ -606,14 +552,6 @@ class Trainer:
         """The learning rate of the next update (the first group's)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def model_config_record(self) -> dict[str, Any] | None:
-        """The model config as a checkpoint records it (what a resume must match), or None."""
-        config = getattr(self.model, "config", None)
-        if config is None or not hasattr(config, "to_dict"):
-            return None
-        values = {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_CONFIG_KEYS}
-        return json.loads(json.dumps(values, default=str))  # the form it has after a JSON round trip
-
     def signature(self) -> dict[str, Any]:
         """The run settings a resume must not change (grad_accum, world size, seed + run_signature)."""
         base = {
@@ -624,83 +562,34 @@ class Trainer:
         base.update(self.run_signature)
         return json.loads(json.dumps(base, default=str))
 
-    # The names megabert.train.distributed_checkpoint first used.
-    _model_config = model_config_record
-    _signature = signature
-
     # -------------------------------------------------------------- checkpoints
+    def snapshot(self) -> ckpt.TrainingSnapshot:
+        """The run's state as a checkpoint saves and restores it (its live objects, not copies)."""
+        micro = getattr(self.source, "global_batch", None)
+        return ckpt.TrainingSnapshot(
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            position=self.state,
+            precision=self.config.precision,
+            model_config=ckpt.model_config_record(self.model),
+            signature=self.signature(),
+            grad_accum=self.config.grad_accum,
+            micro_batch_samples=int(micro) if micro is not None else None,
+            save_extras=self.save_extras,
+        )
+
     def save_checkpoint(self) -> Path | None:
-        """Checkpoint the current step through ``distributed.save_checkpoint``; returns the folder (main rank)."""
-        folder = self.hooks.save_checkpoint(self)
+        """Checkpoint the current step (every rank calls it); returns the folder on the main rank."""
+        folder = self.checkpoints.save(self.snapshot())
         for callback in self.callbacks:
             callback.on_save(self, folder)
         return folder
 
-    def write_checkpoint(self) -> Path | None:
-        """The standard checkpoint (see megabert.train.checkpoint): the main rank writes it, all ranks wait."""
-        rng_states = self.hooks.gather_object(ckpt.capture_rng_state())
-        state = {
-            "optimizer": self.hooks.optimizer_state_dict(self.optimizer),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng_states,
-            "position": {
-                "step": self.state.step,
-                "micro_batches": self.state.micro_batches,
-                "samples": self.state.samples,
-                "tokens": self.state.tokens,
-            },
-        }
-        folder = None
-        if self.hooks.is_main:
-            info = {
-                "micro_batches": self.state.micro_batches,
-                "samples": self.state.samples,
-                "tokens": self.state.tokens,
-                "train_seconds": self.state.train_seconds,
-                "precision": self.config.precision,
-                "model_config": self.model_config_record(),
-                "signature": self.signature(),
-            }
-            folder = ckpt.save_checkpoint(
-                self.checkpoint_dir, self.state.step, self.model, state, info, self.save_extras
-            )
-            ckpt.prune_checkpoints(self.checkpoint_dir, self.checkpoint_config.keep_last)
-        self.hooks.barrier()
-        return folder
-
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
-        """Restore the run from ``folder`` through ``distributed.load_checkpoint``."""
-        self.hooks.load_checkpoint(self, Path(folder))
-
-    def read_checkpoint(self, folder: str | os.PathLike) -> None:
-        """Restore weights, optimizer, scheduler, scaler, RNG and data position from a standard checkpoint."""
-        folder = Path(folder)
-        info = ckpt.read_info(folder)
-        current = self.model_config_record()
-        saved_config = info.get("model_config")
-        if current is not None and isinstance(saved_config, dict):
-            for key in _FIRST_FORWARD_CONFIG_KEYS:
-                if current.get(key) is None or saved_config.get(key) is None:
-                    info = {**info, "model_config": {**saved_config, key: current.get(key)}}
-                    saved_config = info["model_config"]
-        ckpt.check_compatible(folder, info, current, self.signature())
-        ckpt.load_model_weights(self.model, folder / ckpt.MODEL_DIR)
-        state = ckpt.load_state(folder)
-        self.hooks.load_optimizer_state_dict(self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        rng_states = state["rng"]
-        ckpt.restore_rng_state(rng_states[self.hooks.rank] if self.hooks.rank < len(rng_states) else rng_states[0])
-        position = state["position"]
-        self.state = TrainState(
-            step=int(position["step"]),
-            micro_batches=int(position["micro_batches"]),
-            samples=int(position["samples"]),
-            tokens=int(position["tokens"]),
-            train_seconds=float(info.get("train_seconds", 0.0)),
-        )
+        """Restore weights, optimizer, scheduler, scaler, RNG and data position from ``folder`` (every rank)."""
+        self.state = self.checkpoints.load(folder, self.snapshot())
 
     # --------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
@@ -812,7 +701,7 @@ class Trainer:
 
         config = self.config
         losses: list[float] = []
-        last_checkpoint = ckpt.latest_checkpoint(self.checkpoint_dir) if self.hooks.is_main else None
+        last_checkpoint = self.checkpoints.latest() if self.hooks.is_main else None
         eval_results: dict[str, float] = {}
         stop_reason = "max_steps"
         if self.state.step >= config.max_steps:

@@ -15,7 +15,7 @@ Output folder::
 
     OUT/final/                 the trained model (config.json + model.safetensors) and the
                                tokenizer files: loads with megabert and transformers
-    OUT/checkpoints/step-N/    the last K checkpoints (see megabert.train.checkpoint)
+    OUT/checkpoints/step-N/    the last K checkpoints (see megabert.train.engine.checkpoint)
     OUT/metrics.jsonl          train and valid records; OUT/curves.png (matplotlib);
     OUT/tensorboard/           (tensorboard installed); OUT/run_config.json (the settings)
 """
@@ -33,17 +33,15 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megabert.config import MegatronBertConfig
 from megabert.errors import UserError
-from megabert.modeling.inputs import check_id_range
-from megabert.train.checkpoint import CheckpointConfig
-from megabert.train.linear_cross_entropy import SharedWeightGradient, embedding_lookup, linear_cross_entropy
-from megabert.train.logging import CURVES_FILE, METRICS_FILE, MetricsConfig
-from megabert.train.optim import OptimizerConfig, ScheduleConfig
-from megabert.train.trainer import (
+from megabert.tokenization import load_tokenizer
+from megabert.train.engine.checkpoint import CheckpointConfig
+from megabert.train.engine.logging import CURVES_FILE, METRICS_FILE, MetricsConfig
+from megabert.train.engine.optim import OptimizerConfig, ScheduleConfig
+from megabert.train.engine.trainer import (
     DistributedHooks,
     ResumableLoader,
     StepOutput,
@@ -176,94 +174,40 @@ def data_fingerprint(prefix: str | os.PathLike) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------- objective
-def _masked_hidden(
-    model: nn.Module, batch: Mapping[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """(MLM-transformed hidden states at the masked positions (M, H), their labels (M,), encoder output)."""
-    out = model.bert(
-        input_ids=batch["input_ids"] if inputs_embeds is None else None,
-        attention_mask=batch.get("attention_mask"),
-        token_type_ids=batch.get("token_type_ids"),
-        inputs_embeds=inputs_embeds,
-        return_dict=True,
-    )
-    labels = batch["labels"]  # (B, T), -100 where not predicted
-    where = labels != IGNORE_INDEX  # (B, T)
-    hidden = out.last_hidden_state[where]  # (M, H): only the predicted positions
-    return model.cls.predictions.transform(hidden), labels[where], out
+def pretraining_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], binary_task: str | None) -> Any:
+    """``model.pretraining_loss`` on a batch of :func:`~megabert.data.pretraining.collate_pretraining`.
 
-
-def _plain(module: nn.Module, kind: type) -> bool:
-    """A module of ``kind`` whose weight can be used directly (not sharded, no tensor-parallel hooks)."""
-    return (
-        isinstance(module, kind)
-        and not hasattr(module.weight, "placements")
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-    )
-
-
-def masked_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int, Any]:
-    """(mean MLM cross-entropy, correct argmax predictions, predicted positions M, encoder output).
-
-    The vocabulary logits are computed only at the masked positions, and with a plain decoder
-    through :func:`~megabert.train.linear_cross_entropy.linear_cross_entropy`, which never
-    holds all of them at once; when the decoder is tied to the word embeddings, the lookup and
-    the loss share one gradient tensor (:class:`SharedWeightGradient`). A sharded decoder
-    (tensor parallel) runs as a module. With nothing masked, the loss is a zero that keeps
-    the graph connected.
+    The binary (NSP/SOP) labels are passed when the job has a binary task and the model its head.
     """
-    decoder = model.cls.predictions.decoder
-    embedding = model.bert.get_input_embeddings()
-    fused = _plain(decoder, nn.Linear)
-    shared = None
-    inputs_embeds = None
-    if (
-        fused
-        and torch.is_grad_enabled()
-        and decoder.weight.requires_grad
-        and decoder.weight is embedding.weight
-        and _plain(embedding, nn.Embedding)
-    ):
-        ids = batch["input_ids"]
-        check_id_range("input_ids", ids, 0, embedding.num_embeddings, "token id", "the vocabulary")
-        shared = SharedWeightGradient()
-        inputs_embeds = embedding_lookup(ids, embedding.weight, embedding.padding_idx, shared)  # (B, T, H)
-    hidden, targets, out = _masked_hidden(model, batch, inputs_embeds)
-    count = targets.numel()
-    if count == 0:  # a zero that keeps the head's parameters in the graph
-        return decoder(hidden).sum() * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device), count, out
-    if fused:
-        result = linear_cross_entropy(hidden, decoder.weight, decoder.bias, targets, shared=shared)
-        return result.loss, result.correct, count, out
-    logits = decoder(hidden).float()  # (M, V); the loss needs fp32 anyway
-    return F.cross_entropy(logits, targets), (logits.detach().argmax(-1) == targets).sum(), count, out
+    with_binary = binary_task is not None and getattr(model, "add_binary_head", False)
+    return model.pretraining_loss(
+        batch["input_ids"], batch["labels"], attention_mask=batch.get("attention_mask"),
+        token_type_ids=batch.get("token_type_ids"),
+        next_sentence_label=batch["next_sentence_label"] if with_binary else None,
+    )
 
 
 class PretrainingObjective:
     """MLM loss at the masked positions only, plus the NSP/SOP loss when the model has the head.
 
-    Called as ``objective(model, batch)`` with a ``MegatronBertForPreTraining`` (or any model
-    with ``.bert`` and ``.cls.predictions`` / ``.cls.seq_relationship``) and a batch of
-    :func:`~megabert.data.pretraining.collate_pretraining`. The loss equals
-    ``MegatronBertForPreTraining(...)(labels=..., next_sentence_label=...).loss``.
+    Called as ``objective(model, batch)`` with a ``MegatronBertForPreTraining`` and a batch of
+    :func:`~megabert.data.pretraining.collate_pretraining`; the model computes the loss
+    (:meth:`~megabert.modeling.heads.MegatronBertForPreTraining.pretraining_loss`), which
+    equals ``model(...)(labels=..., next_sentence_label=...).loss``. This adds the metrics.
     """
 
     def __init__(self, binary_task: str | None = "nsp") -> None:
         self.binary_task = binary_task
 
     def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
-        mlm_loss, correct, count, out = masked_lm_loss(model, batch)
-        mlm_acc = correct.float() / max(count, 1)
-        metrics: dict[str, torch.Tensor] = {"mlm_loss": mlm_loss.detach(), "mlm_accuracy": mlm_acc}
-        loss = mlm_loss
-        if self.binary_task is not None and hasattr(model.cls, "seq_relationship"):
+        result = pretraining_loss(model, batch, self.binary_task)
+        mlm_acc = result.mlm_correct.float() / max(result.mlm_count, 1)
+        metrics: dict[str, torch.Tensor] = {"mlm_loss": result.mlm_loss.detach(), "mlm_accuracy": mlm_acc}
+        if result.binary_loss is not None:
             label = batch["next_sentence_label"]  # (B,)
-            binary_logits = model.cls.seq_relationship(out.pooler_output).float()  # (B, 2)
-            binary_loss = F.cross_entropy(binary_logits, label)
-            loss = loss + binary_loss
-            metrics[f"{self.binary_task}_loss"] = binary_loss.detach()
-            metrics[f"{self.binary_task}_accuracy"] = (binary_logits.argmax(-1) == label).float().mean()
+            metrics[f"{self.binary_task}_loss"] = result.binary_loss.detach()
+            metrics[f"{self.binary_task}_accuracy"] = (result.binary_logits.argmax(-1) == label).float().mean()
+        loss = result.loss
         mask = batch.get("attention_mask")
         tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         return StepOutput(loss=loss, metrics=metrics, tokens=tokens)
@@ -296,13 +240,13 @@ class PretrainingEvaluator:
             if number >= self.max_batches:
                 break
             batch = move_to_device(batch, device)
-            mlm_loss, correct, count, out = masked_lm_loss(model, batch)
-            sums["mlm_loss"] += float(mlm_loss) * count
-            sums["mlm_correct"] += float(correct)
-            sums["mlm_count"] += count
-            if self.binary_task is not None and hasattr(model.cls, "seq_relationship"):
+            result = pretraining_loss(model, batch, self.binary_task)
+            sums["mlm_loss"] += float(result.mlm_loss) * result.mlm_count
+            sums["mlm_correct"] += float(result.mlm_correct)
+            sums["mlm_count"] += result.mlm_count
+            if result.binary_logits is not None:
                 label = batch["next_sentence_label"]
-                predicted = model.cls.seq_relationship(out.pooler_output).argmax(-1)
+                predicted = result.binary_logits.argmax(-1)
                 sums["binary_correct"] += float((predicted == label).sum())
                 sums["binary_count"] += label.numel()
         sums = self.hooks.all_reduce(sums, op="sum")
@@ -354,16 +298,6 @@ class PretrainResult:
     curves_file: Path | None
     train: TrainResult
     eval_results: dict[str, float] = field(default_factory=dict)
-
-
-def load_tokenizer(path: str | os.PathLike) -> Any:
-    """The tokenizer folder (or vocab.txt) given with --tokenizer."""
-    from megabert.tokenization import MegatronBertTokenizer
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"--tokenizer {path}: no such folder or file (train one with `megabert train-tokenizer`)")
-    return MegatronBertTokenizer.from_pretrained(path)
 
 
 def build_model(config: MegatronBertConfig, binary_task: str | None) -> nn.Module:
@@ -541,7 +475,7 @@ def evaluate_model(
     """
     from megabert.data.pretraining import PretrainingCollator, PretrainingDataset
     from megabert.modeling.heads import MegatronBertForPreTraining
-    from megabert.train.trainer import resolve_device
+    from megabert.devices import resolve_device
 
     tokenizer = load_tokenizer(model_dir)
     config = MegatronBertConfig.from_pretrained(model_dir)

@@ -1,0 +1,1 @@
+"""The training loop and what it needs for any job: optimizer, schedule, checkpoints, logging, memory."""

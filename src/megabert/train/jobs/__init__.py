@@ -1,0 +1,1 @@
+"""The jobs users run on the engine: pretraining and fine-tuning (data, model, evaluation, metrics)."""
