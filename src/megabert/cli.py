@@ -42,6 +42,7 @@ COMMAND_MODULES = (
     "megabert.commands.pretrain",
     "megabert.commands.finetune",
     "megabert.commands.serve",
+    "megabert.commands.demo",
 )
 
 

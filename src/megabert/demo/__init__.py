@@ -17,10 +17,8 @@ its previous output.
 
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -145,8 +143,8 @@ def calibrate_steps(config: Any, batch_size: int, seq_length: int, budget_s: flo
     import torch
 
     from megabert.modeling.heads import MegatronBertForPreTraining
-    from megabert.train.optim import OptimizerConfig, build_optimizer
-    from megabert.train.pretrain import PretrainingObjective
+    from megabert.train.engine.optim import OptimizerConfig, build_optimizer
+    from megabert.train.jobs.pretrain import PretrainingObjective
 
     generator = torch.Generator().manual_seed(0)
     model = MegatronBertForPreTraining(config)
@@ -201,12 +199,12 @@ def run_demo(
     from megabert.data.preprocess import preprocess_corpus
     from megabert.modeling.heads import MegatronBertForPreTraining
     from megabert.tokenization import MegatronBertTokenizer, train_tokenizer
-    from megabert.train.pretrain import build_model_config
-    from megabert.train.checkpoint import CheckpointConfig
-    from megabert.train.logging import MetricsConfig
-    from megabert.train.optim import OptimizerConfig, ScheduleConfig
-    from megabert.train.pretrain import PretrainDataConfig, run_pretraining
-    from megabert.train.trainer import TrainerConfig
+    from megabert.train.jobs.pretrain import build_model_config
+    from megabert.train.engine.checkpoint import CheckpointConfig
+    from megabert.train.engine.logging import MetricsConfig
+    from megabert.train.engine.optim import OptimizerConfig, ScheduleConfig
+    from megabert.train.jobs.pretrain import PretrainDataConfig, run_pretraining
+    from megabert.train.engine.trainer import TrainerConfig
 
     output = Path(output)
     _prepare_output(output)
@@ -283,32 +281,3 @@ def run_demo(
         "steps": result.train.step,
         "eval": result.eval_results,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m megabert.demo",
-        description="Pretrain a tiny MegatronBERT on the Python language reference and show its predictions.",
-    )
-    parser.add_argument("--output", default="demo-output", help="output folder (default demo-output/)")
-    parser.add_argument("--max-steps", type=int, help="training steps (default: as many as fit in --max-minutes)")
-    parser.add_argument("--max-minutes", type=float, default=4.0, help="training time limit (default 4)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-length", type=int, default=64)
-    parser.add_argument("--vocab-size", type=int, default=4000)
-    parser.add_argument("--model-config", default="tiny", help="tiny | base | large | a config.json")
-    parser.add_argument("--seed", type=int, default=1234)
-    args = parser.parse_args(argv)
-    try:
-        run_demo(
-            args.output, model_config=args.model_config, vocab_size=args.vocab_size, max_steps=args.max_steps,
-            max_minutes=args.max_minutes, batch_size=args.batch_size, seq_length=args.seq_length, seed=args.seed,
-        )
-    except (UserError, FileNotFoundError, ValueError) as exc:
-        print(f"megabert demo: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
