@@ -14,8 +14,9 @@ import argparse
 import sys
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+from megabert import task_table
 from megabert.errors import UserError
 
 # (line number or None, fields echoed into the output, the pipeline's input)
@@ -41,6 +42,9 @@ input: inline arguments, or --input FILE (- for stdin), streamed in batches sort
   csv    .csv with a header row; tsv: .tsv with a header row (fields taken verbatim)
 output: one JSON object per input, in input order, to stdout or --output FILE (written
   atomically); inputs from a file carry their "line" (and "id" if the record has one).
+torchrun: `torchrun --nproc-per-node N -m megabert {name} MODEL --input FILE -o OUT` splits the
+  inputs into N contiguous shares, one per process (GPU cuda:LOCAL_RANK, or cores / N threads
+  each on CPU); OUT is written once, by rank 0, in input order, as one process would write it.
 """
 
 COMMANDS = (
@@ -138,6 +142,9 @@ output: {"text": ..., "embedding": [floats]}; with --pooling none {"text": ..., 
     ),
 )
 _BY_NAME = {command.name: command for command in COMMANDS}
+# Each command runs the pipeline the task table gives it (the help texts stay here).
+if {c.name: c.task for c in COMMANDS} != {t.command: t.pipeline for t in task_table.TASKS if t.command}:
+    raise RuntimeError("megabert.commands.predict.COMMANDS disagrees with megabert.task_table (command -> pipeline)")
 _KIND_COLUMNS = {
     "text": "\n         keys/columns: text (or sentence); --text-column picks another",
     "optional-pair": "\n         keys/columns: text (or sentence, sentence1), optional text_pair (or sentence2)",
@@ -156,7 +163,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the seven prediction subcommands."""
     for command in COMMANDS:
         epilog = command.epilog + COMMON_EPILOG.format(
-            pair_note=_PAIR_NOTE.get(command.kind, ""), columns=_KIND_COLUMNS[command.kind]
+            name=command.name, pair_note=_PAIR_NOTE.get(command.kind, ""), columns=_KIND_COLUMNS[command.kind]
         )
         parser = subparsers.add_parser(
             command.name,
@@ -216,6 +223,10 @@ def _add_common(parser: argparse.ArgumentParser, command: Command) -> None:
     group.add_argument(
         "--dtype", default=None, choices=("float32", "bfloat16", "float16", "auto"),
         help="weights and compute type (default float32; auto: as the folder records)",
+    )  # fmt: skip
+    group.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU threads (default: torch's, from OMP_NUM_THREADS; under torchrun cores / processes per node)",
     )  # fmt: skip
 
 
@@ -416,8 +427,8 @@ def _column(names: list[str], option: str | None, field: str, required: bool, wh
     raise UserError(f"{where}: no {noun} {wanted} for the {field} ({noun}s present: {present}); pick one with --{field}-column")
 
 
-def _file_inputs(command: Command, args: argparse.Namespace, source: str, fmt: str) -> Source:
-    """Check what can be checked now (format, CSV header), then return the stream of (line, echo, input)."""
+def _file_converter(command: Command, args: argparse.Namespace, source: str, fmt: str) -> RecordConverter:
+    """Check what can be checked now (format, CSV header); the converter of the file's records."""
     from megabert.inference.io import table_header
 
     name = "<stdin>" if source == "-" else source
@@ -427,13 +438,32 @@ def _file_inputs(command: Command, args: argparse.Namespace, source: str, fmt: s
     header = table_header(source, fmt)
     if header:  # an empty file is reported later as "no inputs"
         converter.set_header(header, name)
-    return _records(command.kind, converter, source, fmt, name)
+    return converter
 
 
-def _records(kind: str, converter: RecordConverter, source: str, fmt: str, name: str) -> Source:
+def _file_inputs(command: Command, args: argparse.Namespace, source: str, fmt: str) -> Source:
+    """Check what can be checked now (format, CSV header), then return the stream of (line, echo, input)."""
+    converter = _file_converter(command, args, source, fmt)
+    return _records(command.kind, converter, source, fmt, "<stdin>" if source == "-" else source)
+
+
+def _records(
+    kind: str, converter: RecordConverter, source: str, fmt: str, name: str, start: int = 0, stop: int | None = None
+) -> Source:
+    """The inputs ``start`` (0-based) to ``stop`` (excluded; None: to the end) of the file.
+
+    The records before ``start`` are read (so line numbers, and errors of the file itself,
+    stay those of the whole file) but not converted; reading ends at ``stop``.
+    """
     from megabert.inference.io import read_records
 
-    for line, record in read_records(source, fmt):
+    if stop is not None and stop <= start:
+        return
+    for index, (line, record) in enumerate(read_records(source, fmt)):
+        if index < start:
+            continue
+        if stop is not None and index >= stop:
+            return
         where = f"{name}:{line}"
         if fmt != "text":
             echo, value = converter.convert(record, line, where)
@@ -493,18 +523,43 @@ def _format(command: Command, result: Any, params: dict[str, Any]) -> dict[str, 
     return result
 
 
-def _progress(total: int | None, quiet: bool) -> Any:
+def _progress(total: int | None, quiet: bool, desc: str | None = None) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, unit=" inputs", disable=quiet, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    return tqdm(
+        total=total, desc=desc, unit=" inputs", disable=quiet, file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+    )  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> int:
-    """Check the inputs, load the pipeline, stream the results as JSON lines."""
-    from megabert.inference.base import InputError
-    from megabert.inference.io import check_source, count_records, detect_format, open_output, write_jsonl
+@dataclass
+class Job:
+    """A checked prediction run, before any model is loaded: the command, its parameters, its inputs."""
+
+    command: Command
+    params: dict[str, Any]
+    source_name: str  # "arguments", "<stdin>" or the file name, as errors name it
+    total: int | None  # inputs (a count of non-blank lines for a file); None for stdin
+    quiet: bool
+    inline: list[tuple[None, dict[str, Any], Any]] | None = None
+    input: str | None = None
+    fmt: str | None = None
+    converter: RecordConverter | None = None
+
+    def inputs(self, start: int = 0, stop: int | None = None) -> Source:
+        """(line, echo, input) of inputs ``start`` to ``stop`` (0-based, stop excluded; None: to the end)."""
+        if self.inline is not None:
+            return iter(self.inline[start:stop])
+        assert self.input is not None and self.fmt is not None and self.converter is not None
+        return _records(self.command.kind, self.converter, self.input, self.fmt, self.source_name, start, stop)
+
+    def no_inputs(self) -> UserError:
+        return UserError(f"{self.source_name}: no inputs (the file is empty or has only blank lines)")
+
+
+def prepare_job(args: argparse.Namespace) -> Job:
+    """Check the arguments, the model folder and the input file (header included); load nothing."""
+    from megabert.inference.io import check_source, count_records, detect_format
     from megabert.inference.loading import check_model_folder
-    from megabert.inference.pipelines import pipeline
 
     command: Command = args.command_spec
     inline = _inline_inputs(command, args)
@@ -514,50 +569,136 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no input: give texts as arguments or --input FILE (- for stdin); see megabert {command.name} --help")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
     params = _pipeline_params(command, args)
     check_model_folder(args.model)
-
-    total: int | None
     if inline is not None:
-        source_name, source = "arguments", iter(inline)
-        total, quiet = len(inline), True
-    else:
-        check_source(args.input)
-        fmt = detect_format(args.input, args.format)
-        source_name = "<stdin>" if args.input == "-" else args.input
-        source = _file_inputs(command, args, args.input, fmt)
-        total = count_records(args.input, fmt)
-        quiet = args.quiet
-    pipe = pipeline(
-        command.task, args.model, args.tokenizer, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        return Job(command, params, "arguments", len(inline), True, inline=inline)
+    check_source(args.input)
+    fmt = detect_format(args.input, args.format)
+    source_name = "<stdin>" if args.input == "-" else args.input
+    converter = _file_converter(command, args, args.input, fmt)
+    return Job(
+        command, params, source_name, count_records(args.input, fmt), args.quiet,
+        input=args.input, fmt=fmt, converter=converter,
     )  # fmt: skip
 
+
+def load_pipeline(job: Job, args: argparse.Namespace, device: Any = None) -> Any:
+    """The pipeline of the job's command (``device``: default ``--device``)."""
+    from megabert.inference.pipelines import pipeline
+
+    return pipeline(
+        job.command.task, args.model, args.tokenizer, device=args.device if device is None else device,
+        dtype=args.dtype, batch_size=args.batch_size,
+    )  # fmt: skip
+
+
+def predict_rows(
+    job: Job,
+    pipe: Any,
+    out: Any,
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    quiet: bool | None = None,
+    desc: str | None = None,
+    interrupt: Callable[[], None] | None = None,
+) -> int:
+    """Run inputs ``start`` to ``stop`` of ``job`` through ``pipe``, one JSON line each to ``out``, in order.
+
+    Returns how many were written. A bad input is a UserError naming the file and line (or
+    ``input N``, counted over all inputs). ``interrupt`` is called before each input is read and
+    after each result is written; it stops the run by raising.
+    """
+    from megabert.inference.base import InputError
+    from megabert.inference.io import write_jsonl
+
+    command, params, source_name = job.command, job.params, job.source_name
     pending: deque[tuple[int | None, dict[str, Any]]] = deque()  # inputs in the pipeline, not yet answered
-    capped = hasattr(args, "truncate")  # commands that take an input whole or truncated (not in windows)
+    capped = "truncation" in params  # commands that take an input whole or truncated (not in windows)
+    truncate = bool(params.get("truncation"))
 
     def feed() -> Iterator[Any]:
-        for number, (line, echo, value) in enumerate(source, start=1):
+        for number, (line, echo, value) in enumerate(job.inputs(start, stop), start=start + 1):
+            if interrupt is not None:
+                interrupt()
             if capped:
                 where = f"{source_name}:{line}" if line is not None else f"input {number}"
-                value = _limit_input(value, pipe.max_length, where, args.truncate)
+                value = _limit_input(value, pipe.max_length, where, truncate)
             pending.append((line, echo))
             yield value
 
+    if job.total is None:
+        total = None
+    else:
+        total = max((job.total if stop is None else min(stop, job.total)) - start, 0)
     done = 0
-    with open_output(args.output) as out, _progress(total, quiet) as bar:
+    with _progress(total, job.quiet if quiet is None else quiet, desc) as bar:
         try:
             for result in pipe.stream(feed(), **params):
                 _, echo = pending.popleft()
                 write_jsonl(out, {**echo, **_format(command, result, params)})
                 done += 1
                 bar.update(1)
+                if interrupt is not None:
+                    interrupt()
         except InputError as exc:
             line, _ = pending[exc.index - done]
-            where = f"{source_name}:{line}" if line is not None else f"input {exc.index + 1}"
+            where = f"{source_name}:{line}" if line is not None else f"input {start + exc.index + 1}"
             raise UserError(f"{where}: {exc.reason}") from None
+    return done
+
+
+def configure_threads(args: argparse.Namespace) -> None:
+    """``--threads``; under torchrun without it, each rank takes its share of the cores.
+
+    torchrun sets ``OMP_NUM_THREADS=1`` in its workers when it is not set, so under torchrun
+    that value counts as unset; any other ``OMP_NUM_THREADS`` is kept (torch reads it itself).
+    """
+    import os
+
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1:
+            return
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if omp and not (omp == "1" and "TORCHELASTIC_RUN_ID" in os.environ):
+            return
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // max(local, 1))
+    if threads >= 1:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the inputs, load the pipeline, stream the results as JSON lines.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank runs a share of the inputs and rank 0 writes
+    the one output (see :mod:`megabert.commands.predict_sharded`).
+    """
+    import os
+
+    from megabert.inference.io import open_output
+
+    configure_threads(args)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from megabert.commands.predict_sharded import FileCommand, run_sharded
+
+        return run_sharded(args, FileCommand(prepare_job, load_pipeline, predict_rows))
+    job = prepare_job(args)
+    pipe = load_pipeline(job, args)
+    with open_output(args.output) as out:
+        done = predict_rows(job, pipe, out)
         if done == 0:
-            raise UserError(f"{source_name}: no inputs (the file is empty or has only blank lines)")
+            raise job.no_inputs()
     return 0
 
 
-__all__ = ["COMMANDS", "Command", "register", "run"]
+__all__ = ["COMMANDS", "Command", "Job", "load_pipeline", "predict_rows", "prepare_job", "register", "run"]
