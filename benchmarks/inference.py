@@ -10,7 +10,7 @@ peak on real tokens (a matmul of shape (real tokens x hidden) @ (hidden x 4*hidd
 every round, between the model runs), peak memory of each (heap in use on CPU, allocator peak
 on CUDA) and the largest output difference on real tokens. For bf16 it also gives the fp32
 GEMM peak, whether ours runs its large products in fp32 (a CPU whose bf16 GEMMs are slower,
-see megabert/modeling/cpu_matmul.py), and our fraction of the faster of the two peaks.
+see megabert/fast_paths/half_matmul.py), and our fraction of the faster of the two peaks.
 
     python benchmarks/inference.py                 # 345M config (the acceptance run)
     python benchmarks/inference.py --config base   # 12 x 768, quicker
@@ -111,7 +111,7 @@ def main() -> int:
     import transformers
 
     import megabert
-    from megabert.modeling import cpu_matmul
+    from megabert.fast_paths import half_matmul as cpu_matmul
 
     device = torch.device(args.device)
     cfg = dict(CONFIGS[args.config], vocab_size=30592, max_position_embeddings=512)
@@ -169,7 +169,7 @@ def main() -> int:
             }
             if dtype != torch.float32:
                 # On a CPU whose half-precision GEMMs are slower than fp32 ones, ours runs its large
-                # products in fp32 (megabert.modeling.cpu_matmul): the fastest GEMM it can use is then
+                # products in fp32 (megabert.fast_paths.half_matmul): the fastest GEMM it can use is then
                 # the fp32 one, and its fraction of the same-dtype peak can exceed 1.
                 fp32_peak = statistics.median(r[3] for r in rounds)
                 upcast = device.type == "cpu" and cpu_matmul.upcast_is_faster(dtype)
