@@ -178,3 +178,20 @@ def test_fused_and_foreach_adamw_take_the_same_steps(model):
         foreach.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_time_budget_drives_the_decay():
+    from megabert.train.engine.optim import WarmupDecay
+
+    schedule = WarmupDecay("linear", warmup_steps=2, total_steps=1002, min_lr_ratio=0.1)
+    assert schedule.factor(1) == 0.5  # warmup is by steps, whatever the clock says
+    schedule.time_fraction = 0.5
+    # Step 12 is 1% of the steps after warmup, but half the time is used: half the decay done.
+    assert schedule.factor(12) == pytest.approx(1 - 0.9 * 0.5)
+    schedule.time_fraction = 0.001
+    assert schedule.factor(502) == pytest.approx(1 - 0.9 * 0.5)  # the steps lead: they count
+    schedule.time_fraction = 1.3
+    assert schedule.factor(12) == pytest.approx(0.1)  # time is up: the floor
+    cosine = WarmupDecay("cosine", 0, 100, 0.0)
+    cosine.time_fraction = 0.5
+    assert cosine.factor(1) == pytest.approx(0.5)

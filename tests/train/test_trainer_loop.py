@@ -416,3 +416,32 @@ def test_a_stop_from_another_rank(tmp_path, signalled, reason, evaluations):
     assert len(hooks.answers) == 3 and not any(hooks.answers)  # this rank itself never wanted to stop
     assert len(evaluated) == evaluations
     assert result.last_checkpoint.name == "step-00000002"
+
+
+def test_a_time_budget_without_a_step_limit_ends_its_decay_with_the_time(tmp_path):
+    from megabert.train.engine.optim import WarmupDecay
+    from megabert.train.engine.trainer import UNTIL_TIME_LIMIT, TrainerCallback
+
+    seen = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, trainer, step, values):
+            seen.append((step, trainer.state.train_seconds, trainer.lr))
+
+    budget, peak = 1.5, 3e-3
+    trainer = pretraining_trainer(
+        tmp_path, UNTIL_TIME_LIMIT, max_seconds=budget,
+        options={"schedule": ScheduleConfig("linear", warmup_steps=3, min_lr_ratio=0.05), "callbacks": [Record()]},
+    )  # fmt: skip
+    result = trainer.train()
+    assert result.stop_reason == "time limit" and result.step == len(seen) > 5
+    expected = WarmupDecay("linear", 3, UNTIL_TIME_LIMIT, 0.05)
+    for step, seconds, lr in seen:  # the rate of the next update, from the step and the clock
+        expected.time_fraction = seconds / budget
+        assert lr == pytest.approx(peak * expected.factor(step + 1)), step
+    assert seen[-1][2] == pytest.approx(peak * 0.05)  # time up: the decay has reached its floor
+    after_warmup = [lr for step, _, lr in seen if step >= 3]
+    assert after_warmup == sorted(after_warmup, reverse=True)  # it got there along the way,
+    assert sum(0.1 * peak < lr < 0.9 * peak for lr in after_warmup) >= 2  # not in one jump
+    with pytest.raises(UserError, match="needs a time limit"):
+        TrainerConfig(tmp_path, max_steps=UNTIL_TIME_LIMIT).validate()

@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--num-workers", type=int, default=0, metavar="N", help="data loader processes (default 0)")
 
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--max-steps", type=int, required=True, metavar="N", help="optimizer steps in all")
+    opt.add_argument("--max-steps", type=int, metavar="N",
+                     help="optimizer steps in all (optional with --max-minutes: then the time ends the run)")
     opt.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     opt.add_argument("--min-lr-ratio", type=float, default=0.0, metavar="R", help="final lr / peak lr (default 0)")
     opt.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear warmup steps (default 0)")
@@ -92,7 +93,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--keep-last", type=int, default=3, metavar="K", help="checkpoints kept (default 3)")
     run_group.add_argument("--resume", metavar="CKPT", help="a checkpoint folder, or 'auto' (the latest in --output)")
     run_group.add_argument("--log-every", type=int, default=10, metavar="N", help="steps between metric records")
-    run_group.add_argument("--max-minutes", type=float, metavar="M", help="stop (with a checkpoint) after M minutes")
+    run_group.add_argument(
+        "--max-minutes", type=float, metavar="M",
+        help="stop (with a checkpoint) after M minutes of training; the schedule's decay follows the clock "
+             "and ends when the time does (or at --max-steps, whichever comes first)",
+    )
     run_group.add_argument("--quiet", action="store_true", help="no progress bar")
     from megabert.commands.training_options import add_training_run_arguments
 
@@ -116,7 +121,12 @@ def _pretrain(args: argparse.Namespace, hooks: Any) -> Any:
     from megabert.train.jobs.pretrain import PretrainDataConfig, run_pretraining
     from megabert.train.engine.trainer import TrainerConfig
 
+    from megabert.errors import UserError
+    from megabert.train.engine.trainer import UNTIL_TIME_LIMIT
+
     binary = None if args.binary_task == "none" else args.binary_task
+    if args.max_steps is None and not args.max_minutes:
+        raise UserError("give --max-steps N, --max-minutes M, or both (the run ends at the first reached)")
     return run_pretraining(
         args.model_config,
         args.tokenizer,
@@ -126,7 +136,7 @@ def _pretrain(args: argparse.Namespace, hooks: Any) -> Any:
             num_workers=args.num_workers,
         ),
         TrainerConfig(
-            output_dir=args.output, max_steps=args.max_steps, grad_accum=args.grad_accum,
+            output_dir=args.output, max_steps=args.max_steps or UNTIL_TIME_LIMIT, grad_accum=args.grad_accum,
             clip_grad=args.clip_grad if args.clip_grad and args.clip_grad > 0 else None,
             precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
             gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every, seed=args.seed,

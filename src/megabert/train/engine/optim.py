@@ -15,6 +15,11 @@ floor ratio ``r`` (``min_lr_ratio``), gives update number ``t`` (1-based) the ra
 
 so the first update already moves the weights (no wasted step at rate 0) and the last one
 runs at the floor.
+
+Under a time budget (the trainer's ``max_seconds``, ``--max-minutes``) the decay follows the
+clock as well: ``p = max((t - W) / (T - W), elapsed / budget)``, so a run that the time limit
+ends has finished its decay when the time is up, whatever ``T`` says. A short budget gains
+most from ending at a low rate (the last stretch of a decay to zero is where the loss drops).
 """
 
 from __future__ import annotations
@@ -158,6 +163,9 @@ class WarmupDecay:
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio
+        # Share of the time budget used so far (0 to 1), set by the trainer when it has one; a
+        # plain float, so that it is saved and restored with the scheduler's state.
+        self.time_fraction = 0.0
 
     def factor(self, t: int) -> float:
         """Multiplier for update ``t`` (1-based); see the module docstring."""
@@ -166,9 +174,9 @@ class WarmupDecay:
             return t / w
         if self.kind == "constant":
             return 1.0
-        if t >= total:
+        p = max((t - w) / max(total - w, 1), min(self.time_fraction, 1.0))
+        if p >= 1.0:
             return r
-        p = (t - w) / max(total - w, 1)
         if self.kind == "linear":
             return 1.0 - (1.0 - r) * p
         return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p))

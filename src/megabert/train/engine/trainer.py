@@ -67,6 +67,10 @@ class TrainingError(RunError):
 
 
 # ---------------------------------------------------------------------------------- configs
+# max_steps of a run that only its time limit ends (``--max-minutes`` without ``--max-steps``).
+UNTIL_TIME_LIMIT = 2**40
+
+
 @dataclass
 class TrainerConfig:
     """The loop's settings (optimizer, schedule, checkpoints and metrics have their own configs)."""
@@ -97,6 +101,8 @@ class TrainerConfig:
             raise UserError(f"eval every must be >= 0 steps, got {self.eval_every}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise UserError(f"max seconds must be positive, got {self.max_seconds}")
+        if self.max_steps >= UNTIL_TIME_LIMIT and self.max_seconds is None:
+            raise UserError("a run without a step limit needs a time limit (max seconds, --max-minutes)")
 
 
 @dataclass
@@ -174,9 +180,11 @@ class ResumableLoader:
                 f"({batch_size} x {world_size} ranks): lower the batch size or add data"
             )
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
+    def _epoch_order(self, epoch: int) -> Sequence[int]:
         if not self.shuffle:
-            return np.arange(len(self.dataset))
+            # A range, not an array: a dataset sized for a run that only its time limit ends
+            # can be 2**40 batches long.
+            return range(len(self.dataset))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
 
     def index_batches(self, start: int) -> Iterator[list[int]]:
@@ -552,6 +560,24 @@ class Trainer:
         """The learning rate of the next update (the first group's)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def _follow_the_clock(self) -> None:
+        """Under a time budget, set the next update's rate from the share of the budget used.
+
+        The schedule's decay then ends when the time does (see megabert.train.engine.optim);
+        the ranks average their clocks, so that all use one rate.
+        """
+        if self.config.max_seconds is None:
+            return
+        fraction = self.state.train_seconds / self.config.max_seconds
+        fraction = float(self.hooks.all_reduce({"fraction": fraction}, op="mean")["fraction"])
+        for schedule in self.scheduler.lr_lambdas:
+            if hasattr(schedule, "time_fraction"):
+                schedule.time_fraction = fraction
+        last = self.scheduler.last_epoch
+        for group, base_lr, schedule in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * schedule(last)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def signature(self) -> dict[str, Any]:
         """The run settings a resume must not change (grad_accum, world size, seed + run_signature)."""
         base = {
@@ -711,7 +737,7 @@ class Trainer:
         iterator = iter(self.source.batches(self.state.micro_batches))
         show = self.metrics_config.progress and self.hooks.is_main
         bar = tqdm(
-            total=config.max_steps, initial=self.state.step, unit="step", desc="training",
+            total=config.max_steps if config.max_steps < UNTIL_TIME_LIMIT else None, initial=self.state.step, unit="step", desc="training",
             disable=not show, file=sys.stderr, dynamic_ncols=True,
         )
         window = _Window()
@@ -731,6 +757,7 @@ class Trainer:
                     self.state.tokens += int(counts["tokens"])
                     self.state.samples += int(counts["samples"])
                     self.state.train_seconds = base_seconds + time.perf_counter() - session_start
+                    self._follow_the_clock()
                     losses.append(values["loss"])
                     window.add(values, int(counts["tokens"]), int(counts["samples"]), seconds)
                     step = self.state.step
