@@ -136,7 +136,7 @@ def _pretrain(args: argparse.Namespace, hooks: Any) -> Any:
             num_workers=args.num_workers,
         ),
         TrainerConfig(
-            output_dir=args.output, max_steps=args.max_steps or UNTIL_TIME_LIMIT, grad_accum=args.grad_accum,
+            output_dir=args.output, max_steps=UNTIL_TIME_LIMIT if args.max_steps is None else args.max_steps, grad_accum=args.grad_accum,
             clip_grad=args.clip_grad if args.clip_grad and args.clip_grad > 0 else None,
             precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
             gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every, seed=args.seed,
