@@ -211,3 +211,37 @@ def test_bad_numbers_on_the_command_line(tmp_path, tiny_corpus, capsys):
     ])
     assert code == 2
     assert capsys.readouterr().err.strip() == "megabert pretrain: error: max steps must be an integer >= 1, got 0"
+
+
+def test_recipe_gives_the_settings_the_command_line_leaves_out(tmp_path, tiny_corpus, tiny_model_file, monkeypatch):
+    """--recipe short-budget: its values where no option is given; a given option wins; auto precision."""
+    from megabert.fast_paths import half_matmul
+    from megabert.train.jobs.recipes import RECIPES
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(half_matmul, "_decisions", {torch.bfloat16: False})  # a CPU with fast bf16 (AMX, Zen 4)
+    code = cli_main([
+        "pretrain", "--data", str(tiny_corpus["train"]), "--tokenizer", str(tiny_corpus["tokenizer"]),
+        "--model-config", str(tiny_model_file), "--output", str(out), "--max-steps", "2",
+        "--seq-length", "24", "--batch-size", "2", "--recipe", "short-budget", "--lr", "5e-4", "--quiet",
+    ])  # fmt: skip
+    assert code == 0
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["OptimizerConfig"]["lr"] == 5e-4  # given
+    assert record["PretrainDataConfig"]["masked_lm_prob"] == RECIPES["short-budget"].masked_lm_prob == 0.15
+    assert record["PretrainDataConfig"]["binary_task"] is None  # the recipe's "none"
+    assert record["ScheduleConfig"] == {"kind": "linear", "warmup_steps": 100, "min_lr_ratio": 0.0, "total_steps": None}
+    assert record["TrainerConfig"]["precision"] == "bf16"
+    # Where bf16 products are slower (an Intel CPU without AMX), auto means fp32; --bf16 still forces bf16.
+    monkeypatch.setattr(half_matmul, "_decisions", {torch.bfloat16: True})
+    from megabert.train.jobs.recipes import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_default_recipe_keeps_the_classic_settings():
+    from megabert.train.jobs.recipes import RECIPES
+
+    default = RECIPES["default"]
+    assert (default.lr, default.masked_lm_prob, default.binary_task, default.batch_size, default.seq_length,
+            default.warmup_steps, default.precision) == (1e-4, 0.15, "nsp", 32, 128, 0, "fp32")  # fmt: skip

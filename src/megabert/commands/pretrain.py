@@ -7,6 +7,8 @@ import signal
 import sys
 from typing import Any
 
+from megabert.train.jobs.recipes import RECIPES, SETTINGS, get_recipe
+
 DESCRIPTION = """\
 Pretrain a MegatronBERT from scratch on a Megatron indexed dataset (from `megabert preprocess`):
 masked-LM plus next-sentence (nsp) or sentence-order (sop) prediction, AdamW with warmup and
@@ -60,28 +62,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="tiny (4x256), base (12x768), large (24x1024, the 345M shape), or a config.json / model folder",
     )
     data.add_argument("--output", required=True, metavar="DIR", help="output folder")
-    data.add_argument("--seq-length", type=int, default=128, metavar="L", help="tokens per sample (default 128)")
-    data.add_argument("--batch-size", type=int, default=32, metavar="B", help="samples per micro-batch (default 32)")
-    data.add_argument("--binary-task", choices=("nsp", "sop", "none"), default="nsp",
-                      help="sentence-pair task next to MLM (default nsp)")
-    data.add_argument("--masked-lm-prob", type=float, default=0.15, metavar="P", help="fraction of tokens masked")
+    data.add_argument(
+        "--recipe", default="default", choices=tuple(RECIPES),
+        help="the settings below that the command line does not give: "
+        + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()).replace("%", "%%") + " (default: default)",
+    )
+    data.add_argument("--seq-length", type=int, metavar="L", help=f"tokens per sample {_default('seq_length')}")
+    data.add_argument("--batch-size", type=int, metavar="B", help=f"samples per micro-batch {_default('batch_size')}")
+    data.add_argument("--binary-task", choices=("nsp", "sop", "none"),
+                      help=f"sentence-pair task next to MLM {_default('binary_task')}")
+    data.add_argument("--masked-lm-prob", type=float, metavar="P", help=f"fraction of tokens masked {_default('masked_lm_prob')}")
     data.add_argument("--num-workers", type=int, default=0, metavar="N", help="data loader processes (default 0)")
 
     opt = p.add_argument_group("optimization")
     opt.add_argument("--max-steps", type=int, metavar="N",
                      help="optimizer steps in all (optional with --max-minutes: then the time ends the run)")
-    opt.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    opt.add_argument("--min-lr-ratio", type=float, default=0.0, metavar="R", help="final lr / peak lr (default 0)")
-    opt.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear warmup steps (default 0)")
-    opt.add_argument("--schedule", choices=("linear", "cosine", "constant"), default="linear",
-                     help="decay after warmup (default linear)")
-    opt.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    opt.add_argument("--lr", type=float, help=f"peak learning rate {_default('lr')}")
+    opt.add_argument("--min-lr-ratio", type=float, metavar="R", help=f"final lr / peak lr {_default('min_lr_ratio')}")
+    opt.add_argument("--warmup-steps", type=int, metavar="N", help=f"linear warmup steps {_default('warmup_steps')}")
+    opt.add_argument("--schedule", choices=("linear", "cosine", "constant"),
+                     help=f"decay after warmup {_default('schedule')}")
+    opt.add_argument("--weight-decay", type=float, help=f"AdamW weight decay {_default('weight_decay')}")
     opt.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per step (default 1)")
-    opt.add_argument("--clip-grad", type=float, default=1.0, metavar="NORM",
-                     help="max gradient norm (default 1.0; 0 = no clipping)")
+    opt.add_argument("--clip-grad", type=float, metavar="NORM",
+                     help=f"max gradient norm, 0 = no clipping {_default('clip_grad')}")
     precision = opt.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU and CUDA)")
-    precision.add_argument("--fp16", action="store_true", help="fp16 autocast with a grad scaler (CUDA)")
+    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="bf16 autocast (CPU and CUDA)")
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                           help="fp16 autocast with a grad scaler (CUDA)")
+    precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
+                           help=f"fp32 throughout {_default('precision')}; auto = bf16 where this machine's bf16 "
+                                "products are not slower than fp32 ones")
     opt.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
     opt.add_argument("--seed", type=int, default=1234, help="seed of init, data order, masking, dropout")
     opt.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
@@ -106,6 +117,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _default(setting: str) -> str:
+    """The help text's "(default ...)" of a recipe setting: each recipe's value."""
+    values = {r.name: getattr(r, setting) for r in RECIPES.values()}
+    return "(" + ", ".join(f"{name} {value}" for name, value in values.items()) + ")"
+
+
+def recipe_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Each recipe setting: from the command line where given, else from --recipe."""
+    recipe = get_recipe(args.recipe)
+    return {name: getattr(recipe, name) if getattr(args, name) is None else getattr(args, name) for name in SETTINGS}
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the configs from the arguments, run the job (on every rank under torchrun), print where the outputs are."""
     from megabert.commands.training_options import run_training_command
@@ -121,29 +144,34 @@ def _pretrain(args: argparse.Namespace, hooks: Any) -> Any:
     from megabert.train.jobs.pretrain import PretrainDataConfig, run_pretraining
     from megabert.train.engine.trainer import TrainerConfig
 
+    from megabert.devices import resolve_device
     from megabert.errors import UserError
     from megabert.train.engine.trainer import UNTIL_TIME_LIMIT
+    from megabert.train.jobs.recipes import resolve_precision
 
-    binary = None if args.binary_task == "none" else args.binary_task
     if args.max_steps is None and not args.max_minutes:
         raise UserError("give --max-steps N, --max-minutes M, or both (the run ends at the first reached)")
+    settings = recipe_settings(args)
+    binary = None if settings["binary_task"] == "none" else settings["binary_task"]
+    precision = resolve_precision(settings["precision"], resolve_device(args.device).type)
     return run_pretraining(
         args.model_config,
         args.tokenizer,
         PretrainDataConfig(
-            data=args.data, valid_data=args.valid_data, seq_length=args.seq_length, batch_size=args.batch_size,
-            binary_task=binary, masked_lm_prob=args.masked_lm_prob, eval_batches=args.eval_batches,
-            num_workers=args.num_workers,
+            data=args.data, valid_data=args.valid_data, seq_length=settings["seq_length"],
+            batch_size=settings["batch_size"], binary_task=binary, masked_lm_prob=settings["masked_lm_prob"],
+            eval_batches=args.eval_batches, num_workers=args.num_workers,
         ),
         TrainerConfig(
-            output_dir=args.output, max_steps=UNTIL_TIME_LIMIT if args.max_steps is None else args.max_steps, grad_accum=args.grad_accum,
-            clip_grad=args.clip_grad if args.clip_grad and args.clip_grad > 0 else None,
-            precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-            gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every, seed=args.seed,
-            device=args.device, max_seconds=args.max_minutes * 60 if args.max_minutes else None,
+            output_dir=args.output, max_steps=UNTIL_TIME_LIMIT if args.max_steps is None else args.max_steps,
+            grad_accum=args.grad_accum, clip_grad=settings["clip_grad"] if settings["clip_grad"] > 0 else None,
+            precision=precision, gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
+            seed=args.seed, device=args.device, max_seconds=args.max_minutes * 60 if args.max_minutes else None,
         ),
-        optimizer=OptimizerConfig(lr=args.lr, weight_decay=args.weight_decay),
-        schedule=ScheduleConfig(kind=args.schedule, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio),
+        optimizer=OptimizerConfig(lr=settings["lr"], weight_decay=settings["weight_decay"]),
+        schedule=ScheduleConfig(
+            kind=settings["schedule"], warmup_steps=settings["warmup_steps"], min_lr_ratio=settings["min_lr_ratio"]
+        ),
         checkpoints=CheckpointConfig(save_every=args.save_every, keep_last=args.keep_last, resume=args.resume),
         metrics=MetricsConfig(log_every=args.log_every, progress=not args.quiet),
         distributed=hooks,
