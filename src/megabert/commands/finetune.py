@@ -135,7 +135,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     opt.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (overrides --epochs)")
     opt.add_argument("--batch-size", type=int, default=32, metavar="B", help="examples per batch (default 32)")
     opt.add_argument("--eval-batch-size", type=int, metavar="B", help="examples per evaluation batch (default 2B)")
-    opt.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
+    opt.add_argument("--lr", type=float,
+                     help="peak learning rate (default by the model's width: 3e-4 up to hidden 256, 1e-4 up to 512, "
+                          "5e-5 above)")
     opt.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     opt.add_argument("--warmup-ratio", type=float, default=0.1, metavar="R", help="warmup share of the steps (default 0.1)")
     opt.add_argument("--warmup-steps", type=int, metavar="N", help="warmup steps (overrides --warmup-ratio)")
