@@ -19,6 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq-length", type=int, default=64, help="tokens per sequence (default 64)")
     parser.add_argument("--vocab-size", type=int, default=4000, help="WordPiece vocabulary trained on the corpus (default 4000)")
     parser.add_argument("--model-config", default="tiny", help="tiny | base | large | a config.json")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate, decayed to 0 by the end (default 5e-4)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="fp32",
+                        help="fp32 (default: at the demo's small shapes bf16 steps were not faster, even with AMX), "
+                             "bf16, or auto (bf16 where this CPU's bf16 products are not slower than fp32 ones)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of init, data and masking (default 1234)")
     parser.set_defaults(run=run)
 
@@ -30,5 +34,6 @@ def run(args: argparse.Namespace) -> int:
     run_demo(
         args.output, model_config=args.model_config, vocab_size=args.vocab_size, max_steps=args.max_steps,
         max_minutes=args.max_minutes, batch_size=args.batch_size, seq_length=args.seq_length, seed=args.seed,
+        lr=args.lr, precision=args.precision,
     )
     return 0
