@@ -213,13 +213,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     _make_parent(path)
     remove_dead_temps(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        _raise_for_temp(exc, path)
-        raise
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temp(path)
     try:
         yield tmp_path
         _open_permissions(tmp_path)
@@ -235,6 +229,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
+def _new_temp(path: Path) -> Path:
+    """An empty temp file beside ``path``, named so that remove_dead_temps knows whose it is."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        _raise_for_temp(exc, path)
+        raise
+    os.close(fd)
+    return Path(tmp)
+
+
 @contextlib.contextmanager
 def scratch_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temp file next to ``path``, and remove it when the block ends, however it ends.
@@ -245,13 +250,7 @@ def scratch_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     _make_parent(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        _raise_for_temp(exc, path)
-        raise
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temp(path)
     try:
         yield tmp_path
     except BaseException as exc:

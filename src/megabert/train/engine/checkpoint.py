@@ -120,6 +120,20 @@ def model_config_record(model: nn.Module) -> dict[str, Any] | None:
     return json.loads(json.dumps(values, default=str))  # the form it has after a JSON round trip
 
 
+def snapshot_info(snapshot: Any) -> dict[str, Any]:
+    """What a checkpoint's info record says of the run (both formats): position, precision, config, signature."""
+    position = snapshot.position
+    return {
+        "micro_batches": position.micro_batches,
+        "samples": position.samples,
+        "tokens": position.tokens,
+        "train_seconds": position.train_seconds,
+        "precision": snapshot.precision,
+        "model_config": snapshot.model_config,
+        "signature": snapshot.signature,
+    }
+
+
 def position_record(position: TrainState) -> dict[str, int]:
     """The data position as trainer_state.pt stores it."""
     return {
@@ -517,16 +531,9 @@ class SingleProcessFormat:
         }
         if not hooks.is_main:
             return None
-        info = {
-            "micro_batches": position.micro_batches,
-            "samples": position.samples,
-            "tokens": position.tokens,
-            "train_seconds": position.train_seconds,
-            "precision": snapshot.precision,
-            "model_config": snapshot.model_config,
-            "signature": snapshot.signature,
-        }
-        return save_checkpoint(target.parent, position.step, snapshot.model, state, info, snapshot.save_extras)
+        return save_checkpoint(
+            target.parent, position.step, snapshot.model, state, snapshot_info(snapshot), snapshot.save_extras
+        )
 
     def load(self, folder: Path, snapshot: TrainingSnapshot) -> TrainState:
         info = read_info(folder)
