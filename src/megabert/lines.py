@@ -98,3 +98,34 @@ def jsonl_records(
             yield number, f"expected a JSON object, got {type(record).__name__}"
             continue
         yield number, record
+
+
+def table_rows(
+    source: str | os.PathLike, *, delimiter: str, quoted: bool, name: str | None = None
+) -> Iterator[tuple[int, list[str]]]:
+    """The non-blank rows of a TSV/CSV file as ``(line number, cells)``: the one table reader.
+
+    ``quoted=False`` (TSV): split on ``delimiter`` with no quoting, so cells are taken verbatim
+    (GLUE's TSVs hold unbalanced double quotes). ``quoted=True`` (CSV): the usual quoting rules,
+    so a quoted cell may span lines; a row's number is that of its first line. The header, if
+    any, is the first row. A malformed CSV row is a UserError naming the file and line.
+    """
+    import csv
+
+    name = name or ("<stdin>" if str(source) == "-" else str(source))
+    if not quoted:
+        for number, line in iter_lines(source, name=name):
+            if line.strip():
+                yield number, line.split(delimiter)
+        return
+    # The csv module counts the lines it is given: with one line per item, reader.line_num is
+    # the file's line number (line ends are kept for quoted cells that span lines).
+    reader = csv.reader((line for _, line in iter_lines(source, name=name, keepends=True)), delimiter=delimiter)
+    start = 1
+    try:
+        for cells in reader:
+            if any(cell.strip() for cell in cells):
+                yield start, cells
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise UserError(f"{name}:{reader.line_num}: malformed CSV ({exc})") from None

@@ -35,7 +35,6 @@ CoLA has no header, so it is recognised by shape: four tab-separated columns who
 
 from __future__ import annotations
 
-import csv
 import inspect
 import json
 import logging
@@ -46,7 +45,7 @@ from typing import Any, Generic, Iterator, Literal, Sequence, TypeVar, overload
 
 from megabert import task_table
 from megabert.errors import UserError
-from megabert.lines import iter_lines, jsonl_records
+from megabert.lines import iter_lines, jsonl_records, table_rows
 
 logger = logging.getLogger("megabert.data")
 
@@ -574,22 +573,7 @@ def _table_records(
     TSV is split on tabs with no quoting (GLUE TSVs hold unbalanced double quotes); CSV follows
     the usual quoting rules, so a quoted field may span lines (its first line is reported).
     """
-    records: list[tuple[int, list[str]]] = []
-    if quoted:
-        lines = _read_lines(path, keepends=True)
-        reader = csv.reader(lines, delimiter=delimiter)
-        start = 1
-        try:
-            for cells in reader:
-                if any(c.strip() for c in cells):
-                    records.append((start, cells))
-                start = reader.line_num + 1
-        except csv.Error as e:
-            raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
-    else:
-        for number, line in enumerate(_read_lines(path), start=1):
-            if line.strip():
-                records.append((number, line.split(delimiter)))
+    records = list(table_rows(path, delimiter=delimiter, quoted=quoted))
     header = None
     if has_header and records:
         header = [c.strip() for c in records[0][1]]

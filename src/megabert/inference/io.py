@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from megabert.errors import UserError
-from megabert.lines import iter_lines, jsonl_records
+from megabert.lines import iter_lines, jsonl_records, table_rows
 from megabert.utils import atomic_path
 
 FORMATS = ("text", "jsonl", "csv", "tsv")
@@ -75,32 +75,15 @@ def read_records(source: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _table_records(source: str, name: str, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    # The csv module counts the lines it is given: with one line per item, reader.line_num is
-    # the file's line number (line ends are kept for quoted fields that span lines).
-    lines = (line for _, line in iter_lines(source, name=name, keepends=True))
-    if fmt == "tsv":
-        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
-    else:
-        reader = csv.reader(lines)
-    try:
-        header = next(reader, None)
-        if header is None:
-            return
-        header = [column.strip() for column in header]
-        first_line = reader.line_num + 1
-        for row in reader:
-            if not any(field.strip() for field in row):
-                first_line = reader.line_num + 1
-                continue
-            if len(row) != len(header):
-                raise UserError(
-                    f"{name}:{first_line}: {len(row)} fields, but the header has {len(header)} "
-                    f"({', '.join(header)})"
-                )
-            yield first_line, dict(zip(header, row))
-            first_line = reader.line_num + 1
-    except csv.Error as exc:
-        raise UserError(f"{name}:{reader.line_num}: malformed {fmt.upper()} ({exc})") from None
+    rows = table_rows(source, delimiter="\t" if fmt == "tsv" else ",", quoted=fmt != "tsv", name=name)
+    first = next(rows, None)
+    if first is None:
+        return
+    header = [column.strip() for column in first[1]]
+    for number, row in rows:
+        if len(row) != len(header):
+            raise UserError(f"{name}:{number}: {len(row)} fields, but the header has {len(header)} ({', '.join(header)})")
+        yield number, dict(zip(header, row))
 
 
 def table_header(source: str, fmt: str) -> list[str] | None:
