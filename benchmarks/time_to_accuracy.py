@@ -59,7 +59,7 @@ RECIPES: dict[str, dict] = {
     "short-budget": {
         "vocab": "bert-uncased",
         "pretrain": ["--recipe", "short-budget"],
-        "finetune": ["--lr", "1e-4"],
+        "finetune": [],  # megabert finetune's defaults (lr by the model's width: 3e-4 for tiny)
     },
 }
 
