@@ -207,24 +207,8 @@ def main() -> None:
                 archive.write(shards[0], "release/mp_rank_00/model_optim_rng.pt")
 
         heads = sizes["num_attention_heads"]
-        _, import_rss, _ = run_measured("import megabert.convert.megatron_lm")
-        seconds, peak_rss, _ = run_measured(
-            "from megabert.convert.megatron_lm import convert_megatron_to_hf; "
-            f"convert_megatron_to_hf({str(src)!r}, {str(root / 'hf')!r}, num_attention_heads={heads})"
-        )
-        ratio = peak_rss / checkpoint_bytes
         case = f"{'quick' if opts.quick else '345M'} fp16 {opts.source} {opts.format}-format tp{opts.tp} pp{opts.pp}"
-        print(json.dumps({
-            "case": case,
-            "checkpoint_bytes": checkpoint_bytes,
-            "output_bytes": (root / "hf" / "model.safetensors").stat().st_size,
-            "seconds": round(seconds, 2),
-            "peak_rss_bytes": peak_rss,
-            "rss_ratio": round(ratio, 3),
-            "import_rss_bytes": import_rss,
-            "target_ratio": TARGET_RATIO,
-            "ok": ratio <= TARGET_RATIO,
-        }))  # fmt: skip
+        report_conversion(case, src, root, checkpoint_bytes, TARGET_RATIO, f", num_attention_heads={heads}")
 
 
 def measure_streamed(source: str, root: Path, sizes: dict, quick: bool) -> None:
@@ -243,13 +227,18 @@ def measure_streamed(source: str, root: Path, sizes: dict, quick: bool) -> None:
     shutil.rmtree(root / "hf-source", ignore_errors=True)  # (torch_dist) its source; not read again
     files = [p for p in src.rglob("*") if p.is_file()] if src.is_dir() else [src]
     checkpoint_bytes = sum(p.stat().st_size for p in files)
+    case = f"{'quick' if quick else '345M'} fp16 {source}" + (" (plain tar)" if source == "nemo" else "")
+    report_conversion(case, src, root, checkpoint_bytes, STREAMED_TARGET_RATIO)
+
+
+def report_conversion(case: str, src: Path, root: Path, checkpoint_bytes: int, target: float, extra: str = "") -> None:
+    """Convert ``src`` into ROOT/hf in a fresh process (peak RSS measured) and print the JSON line."""
     _, import_rss, _ = run_measured("import megabert.convert.megatron_lm")
     seconds, peak_rss, _ = run_measured(
         "from megabert.convert.megatron_lm import convert_megatron_to_hf; "
-        f"convert_megatron_to_hf({str(src)!r}, {str(root / 'hf')!r})"
+        f"convert_megatron_to_hf({str(src)!r}, {str(root / 'hf')!r}{extra})"
     )
     ratio = peak_rss / checkpoint_bytes
-    case = f"{'quick' if quick else '345M'} fp16 {source}" + (" (plain tar)" if source == "nemo" else "")
     print(json.dumps({
         "case": case,
         "checkpoint_bytes": checkpoint_bytes,
@@ -258,8 +247,8 @@ def measure_streamed(source: str, root: Path, sizes: dict, quick: bool) -> None:
         "peak_rss_bytes": peak_rss,
         "rss_ratio": round(ratio, 3),
         "import_rss_bytes": import_rss,
-        "target_ratio": STREAMED_TARGET_RATIO,
-        "ok": ratio <= STREAMED_TARGET_RATIO,
+        "target_ratio": target,
+        "ok": ratio <= target,
     }))  # fmt: skip
 
 

@@ -24,7 +24,7 @@ import socket
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 # OS errors that mean "this output cannot be written here" (not a bug): reported in one line.
 WRITE_ERRNOS = frozenset(
@@ -219,14 +219,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _open_permissions(tmp_path)
         os.replace(tmp_path, path)
     except BaseException as exc:
-        # Probe while the partial file still fills the disk (removing it frees the space).
-        error = write_error(exc, path, probe_dir=path.parent, temp=tmp_path)
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        if error is not None and error is not exc:
-            raise error from exc
-        raise
+        _drop_temp_and_reraise(exc, path, tmp_path)
     _fsync_dir(path.parent)
+
+
+def _drop_temp_and_reraise(exc: BaseException, path: Path, tmp_path: Path) -> NoReturn:
+    """Remove the temp of a write to ``path`` that failed with ``exc``; raise its one-line error (or ``exc``)."""
+    # Probe while the partial file still fills the disk (removing it frees the space).
+    error = write_error(exc, path, probe_dir=path.parent, temp=tmp_path)
+    with contextlib.suppress(OSError):
+        tmp_path.unlink()
+    if error is not None and error is not exc:
+        raise error from exc
+    raise exc
 
 
 def _new_temp(path: Path) -> Path:
@@ -254,12 +259,7 @@ def scratch_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
     except BaseException as exc:
-        error = write_error(exc, path, probe_dir=path.parent, temp=tmp_path)
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        if error is not None and error is not exc:
-            raise error from exc
-        raise
+        _drop_temp_and_reraise(exc, path, tmp_path)
     with contextlib.suppress(OSError):
         tmp_path.unlink()
 
